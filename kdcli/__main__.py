@@ -1,0 +1,3 @@
+from kdcli.cli import entry
+
+entry()

@@ -1,0 +1,104 @@
+"""Self-describing checkpoints: plain dicts of tensors and containers that load with
+`torch.load(..., weights_only=True)` and carry what it takes to rebuild the model (registry
+name and kwargs) and to feed it (dataset config, input shape, classes, normalisation)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from kdcli.errors import KdError
+from kdcli.models import build_model
+
+FORMAT = "kdcli-checkpoint"
+VERSION = 1
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`:
+    a crash mid-write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+def save(path: Path, model: nn.Module, *, arch: dict, data: dict, role: str, **extra: Any) -> None:
+    """arch = {"name", "kwargs"}; data = DataInfo.to_dict() plus "dataset" (its config)."""
+    ckpt = {
+        "format": FORMAT,
+        "version": VERSION,
+        "role": role,
+        "arch": arch,
+        "data": data,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **extra,
+    }
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def load(path: str | Path) -> dict:
+    """Read and check a checkpoint; every failure is a KdError naming the file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise KdError(f"Checkpoint not found: {path}. Check the path (relative paths start from the current directory).")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise KdError(
+            f"Refusing to load {path}: it holds pickled Python objects that are not plain tensors or "
+            f"containers (weights-only loading rejected them: {str(e).splitlines()[0]}). "
+            "kdcli only reads checkpoints it wrote; re-save the weights as a plain state dict."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise KdError(
+            f"Cannot read checkpoint {path}: the file is truncated, corrupt or not a PyTorch file "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}). "
+            "Re-run the command that wrote it, or point to another checkpoint."
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise KdError(
+            f"{path} is a PyTorch file but not a kdcli checkpoint (no '{FORMAT}' header). "
+            "kdcli needs the checkpoints written by `kd train-teacher` or `kd distill`."
+        )
+    return ckpt
+
+
+def build_from(ckpt: dict, path: str | Path = "<checkpoint>") -> nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights."""
+    arch, data = ckpt["arch"], ckpt["data"]
+    model = build_model(arch["name"], data["input_shape"], data["num_classes"], arch.get("kwargs"))
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise KdError(
+            f"The weights in {path} do not fit model '{arch['name']}' with {arch.get('kwargs')}: "
+            f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}"
+        ) from None
+    return model
+
+
+def describe(ckpt: dict) -> str:
+    arch, data = ckpt["arch"], ckpt["data"]
+    kw = ", ".join(f"{k}={v}" for k, v in (arch.get("kwargs") or {}).items())
+    return f"{arch['name']}({kw}) on {data['name']} ({data['num_classes']} classes, input {data['input_shape']})"

@@ -1,0 +1,131 @@
+"""`kd`: a thin front that maps a subcommand to its Hydra app (or to `list`).
+
+Everything after the subcommand goes to Hydra untouched, so overrides, -m sweeps, --cfg job,
+--help and launcher plugins all work. Before handing over, the front imports the user's
+modules (`imports=...`) so their models appear as teacher/student options, and checks that
+each override names a key that exists, to answer a typo with the keys that do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+
+from kdcli.errors import KdError
+from kdcli.report import console
+
+COMMANDS = {
+    "train-teacher": ("train_teacher", "train a teacher model on a dataset"),
+    "distill": ("distill", "distill a teacher into a student (and train the student from scratch to compare)"),
+    "evaluate": ("evaluate", "compare checkpoints side by side: accuracy, NLL, size, agreement"),
+    "export": ("export", "export a model to TorchScript and ONNX, checked against PyTorch"),
+    "list": ("list", "list the registered models, losses and datasets"),
+}
+
+USAGE = "usage: kd <command> [key=value ...] [-m] [--cfg job] [--help]"
+
+# Hydra flags that take a value in the next argument.
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--info", "-i"}
+
+
+def _help() -> str:
+    lines = [USAGE, "", "Knowledge distillation for PyTorch. Commands:"]
+    lines += [f"  {name:<14} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "`kd <command> --help` shows a command's config groups and keys.", "Quick start: kd distill   (teacher=convnet student=mlp on the embedded mnist5k)"]
+    return "\n".join(lines)
+
+
+def _overrides(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in _FLAGS_WITH_VALUE:
+            skip = a not in ("--info", "-i")
+        elif not a.startswith("-"):
+            out.append(a)
+    return out
+
+
+def _parse(overrides: list[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as e:
+        raise KdError(f"{e} (overrides look like key=value, group=option or key=[a,b]).") from None
+
+
+def _prepare(command: str, args: list[str]) -> None:
+    """Import user modules, register configs, and refuse overrides of unknown keys."""
+    from hydra.core.override_parser.types import OverrideType
+
+    from kdcli.config import SCHEMAS, register_configs
+    from kdcli.registry import did_you_mean, import_user_modules, load_plugins
+
+    parsed = _parse(_overrides(args))
+    for o in parsed:
+        if o.key_or_group == "imports" and o.is_sweep_override() is False:
+            value = o.value()
+            import_user_modules(value if isinstance(value, list) else [value])
+    load_plugins()
+    import kdcli.data  # noqa: F401  registration of the built-ins
+    import kdcli.losses  # noqa: F401
+    import kdcli.models  # noqa: F401
+
+    register_configs()
+    known = {f.name for f in dataclasses.fields(SCHEMAS[command])} | {"hydra", "debug"}
+    for o in parsed:
+        if o.type != OverrideType.CHANGE:
+            continue  # +key (add) and ~key (delete) are the user's explicit choice
+        top = o.key_or_group.split(".")[0].split("@")[0].lstrip("/")
+        if top not in known:
+            raise KdError(
+                f"Unknown key '{top}' in override '{o.input_line}'.{did_you_mean(top, known)} "
+                f"Keys of kd {command.replace('_', '-')}: {', '.join(sorted(known - {'hydra'}))}."
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_help())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from importlib.metadata import version
+
+        print(f"kdcli {version('kdcli')}")
+        return 0
+    name, args = argv[0], argv[1:]
+    if name not in COMMANDS:
+        from kdcli.registry import did_you_mean
+
+        print(f"kd: unknown command '{name}'.{did_you_mean(name, COMMANDS)}\n\n{_help()}", file=sys.stderr)
+        return 2
+    command = COMMANDS[name][0]
+    try:
+        if command == "list":
+            from kdcli.commands import list_cmd
+
+            return list_cmd.main(args)
+        _prepare(command, args)
+    except KdError as e:
+        console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        return 1
+
+    from kdcli.app import Outcome, hydra_app
+    from kdcli.report import SweepSummary
+
+    module = importlib.import_module(f"kdcli.commands.{command}")
+    sys.argv = [f"kd {name}", *args]
+    try:
+        hydra_app(command, module.run)()
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    return 1 if (Outcome.failed or SweepSummary.failed) else 0
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per subcommand, each with `run(cfg, ctx) -> dict` (the figures for metrics.json)."""

@@ -1,0 +1,94 @@
+"""Pieces that train-teacher and distill share: data on the device, model construction,
+checkpoint metadata, and the search for an earlier teacher run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from kdcli.config import model_spec
+from kdcli.data import DeviceData, load_splits
+from kdcli.models import build_model
+
+log = logging.getLogger("kdcli")
+
+# Dataset keys that decide which images land in which split: a teacher is reusable for a
+# student only if these agree (augmentation settings may differ).
+DATA_IDENTITY = ("name", "val_size", "split_seed", "classes", "limit")
+
+
+def dataset_config(cfg) -> dict:
+    return OmegaConf.to_container(cfg.dataset, resolve=True)
+
+
+def data_identity(dataset_cfg: dict) -> dict:
+    return {k: dataset_cfg.get(k) for k in DATA_IDENTITY}
+
+
+def device_data(cfg, device: torch.device) -> DeviceData:
+    dcfg = dataset_config(cfg)
+    splits = load_splits(dcfg, cfg.data_root)
+    shift, flip = (dcfg.get("shift", 0), dcfg.get("flip", False)) if cfg.augment else (0, False)
+    data = DeviceData(splits, device, shift=shift, flip=flip)
+    log.info(
+        f"data     {dcfg['name']}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
+        f"input {data.info.input_shape}, {data.info.num_classes} classes, "
+        f"augmentation: {f'shift {shift}px' if shift else 'no shift'}{', flip' if flip else ''}"
+    )
+    return data
+
+
+def new_model(node, data: DeviceData, device: torch.device, seed: int) -> tuple[torch.nn.Module, dict]:
+    """Build the model a teacher/student node names, initialised from `seed`."""
+    spec = model_spec(node)
+    torch.manual_seed(seed)
+    model = build_model(spec["name"], data.info.input_shape, data.info.num_classes, spec["kwargs"])
+    return model.to(device), spec
+
+
+def ckpt_meta(spec: dict, data: DeviceData, dataset_cfg: dict) -> dict:
+    return {"arch": spec, "data": {**data.info.to_dict(), "dataset": dataset_cfg}}
+
+
+def find_teacher_run(runs_dir: str | Path, spec: dict, dataset_cfg: dict) -> Path | None:
+    """The best checkpoint of the latest completed train-teacher run with the same teacher
+    (name and kwargs) on the same data split, or None."""
+    root = Path(runs_dir).expanduser()
+    candidates = list(root.glob("train_teacher/*/metrics.json")) + list(
+        root.glob("train_teacher-multirun/*/*/metrics.json")
+    )
+    wanted = data_identity(dataset_cfg)
+    best: tuple[float, Path] | None = None
+    for f in candidates:
+        try:
+            m = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        teacher = m.get("teacher") or {}
+        ckpt = Path(teacher.get("checkpoint", ""))
+        if (
+            m.get("status") == "completed"
+            and teacher.get("arch") == spec
+            and data_identity(m.get("dataset") or {}) == wanted
+            and ckpt.is_file()
+        ):
+            stamp = f.stat().st_mtime
+            if best is None or stamp > best[0]:
+                best = (stamp, ckpt)
+    return best[1] if best else None
+
+
+def latest_run(runs_dir: str | Path, command: str) -> Path | None:
+    """The most recent completed single run of `command` under runs_dir."""
+    runs = []
+    for f in (Path(runs_dir).expanduser() / command).glob("*/metrics.json"):
+        try:
+            if json.loads(f.read_text()).get("status") == "completed":
+                runs.append(f.parent)
+        except (OSError, ValueError):
+            continue
+    return max(runs, key=lambda d: d.name) if runs else None

@@ -1,0 +1,151 @@
+"""kd distill: train the student to match the teacher's softened outputs, next to the same
+student trained from scratch with the same seed, initial weights and recipe."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from kdcli import checkpoint
+from kdcli.app import Context
+from kdcli.checkpoint import write_json
+from kdcli.commands import train_teacher
+from kdcli.commands.common import (
+    DATA_IDENTITY,
+    ckpt_meta,
+    data_identity,
+    dataset_config,
+    device_data,
+    find_teacher_run,
+    new_model,
+)
+from kdcli.config import group_kwargs, model_spec
+from kdcli.data import DeviceData
+from kdcli.engine import evaluate, fit, predict
+from kdcli.errors import KdError
+from kdcli.losses import build_loss
+from kdcli.models import count_flops, count_params
+from kdcli.report import console, pct, table
+
+log = logging.getLogger("kdcli")
+
+
+def _check_teacher_data(ckpt: dict, path: Path, data: DeviceData, dataset_cfg: dict) -> None:
+    info = ckpt["data"]
+    if info["name"] != data.info.name or list(info["input_shape"]) != list(data.info.input_shape):
+        raise KdError(
+            f"Teacher {path} was trained on {info['name']} (input {info['input_shape']}), but this run "
+            f"uses {data.info.name} (input {data.info.input_shape}). Pick a teacher for this dataset or "
+            "leave teacher.ckpt unset to find or train one."
+        )
+    if info["num_classes"] != data.info.num_classes or info["class_names"] != data.info.class_names:
+        raise KdError(
+            f"Teacher {path} predicts {info['num_classes']} classes ({', '.join(info['class_names'])}); this "
+            f"dataset has {data.info.num_classes} ({', '.join(data.info.class_names)}). Their outputs cannot be matched."
+        )
+    theirs = data_identity(info.get("dataset") or {})
+    if theirs != data_identity(dataset_cfg):
+        diff = [k for k in DATA_IDENTITY if theirs.get(k) != dataset_cfg.get(k)]
+        log.warning(
+            f"warning  teacher {path} was trained with different data splits ({', '.join(f'dataset.{k}' for k in diff)}): "
+            "it may have seen this run's validation images."
+        )
+
+
+def obtain_teacher(cfg, data: DeviceData, ctx: Context) -> tuple:
+    """Teacher from teacher.ckpt, else the latest matching train-teacher run, else train one
+    now (as a train-teacher run of its own, so later runs and sweeps reuse it)."""
+    dataset_cfg = dataset_config(cfg)
+    path = cfg.teacher.ckpt
+    if path:
+        source = "teacher.ckpt"
+    else:
+        spec = model_spec(cfg.teacher)
+        path = find_teacher_run(cfg.runs_dir, spec, dataset_cfg)
+        source = "latest train-teacher run"
+        if path is None:
+            run_dir = Path(cfg.runs_dir).expanduser() / "train_teacher" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+            log.info(
+                f"teacher  no trained {spec['name']} teacher for this dataset under {Path(cfg.runs_dir).expanduser()}; "
+                f"training one first in {run_dir} (or pass teacher.ckpt=PATH)"
+            )
+            run_dir.mkdir(parents=True)
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            figures = train_teacher.train(cfg, data, run_dir, ctx)
+            write_json(run_dir / "metrics.json", {"command": "train_teacher", "status": "completed", "teacher": figures, "dataset": dataset_cfg})
+            path, source = figures["checkpoint"], "trained now"
+    ckpt = checkpoint.load(path)
+    _check_teacher_data(ckpt, Path(path), data, dataset_cfg)
+    model = checkpoint.build_from(ckpt, path).to(ctx.device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    log.info(f"teacher  {checkpoint.describe(ckpt)} from {path} ({source})")
+    return model, ckpt, str(path)
+
+
+def run(cfg, ctx: Context) -> dict:
+    data = device_data(cfg, ctx.device)
+    teacher, teacher_ckpt, teacher_path = obtain_teacher(cfg, data, ctx)
+    tcfg = cfg.trainer
+    t_test = evaluate(teacher, data.test, tcfg.eval_batch_size)
+    shape = data.info.input_shape
+    results = {
+        "teacher": {
+            "arch": teacher_ckpt["arch"],
+            "checkpoint": teacher_path,
+            "test_acc": t_test["acc"],
+            "test_nll": t_test["nll"],
+            "params": count_params(teacher),
+            "flops": count_flops(teacher, shape),
+        }
+    }
+
+    student, spec = new_model(cfg.student, data, ctx.device, int(cfg.seed))
+    init_state = copy.deepcopy(student.state_dict())  # scratch and KD students start identical
+    meta = ckpt_meta(spec, data, dataset_config(cfg))
+    show = ctx.show_progress and tcfg.progress
+    runs = [("scratch", build_loss("ce", cfg.T, cfg.alpha), None)] if cfg.baseline else []
+    runs.append(("student", build_loss(cfg.loss.name, cfg.T, cfg.alpha, group_kwargs(cfg.loss)), teacher))
+    for role, loss_fn, teacher_model in runs:
+        student.load_state_dict(init_state)
+        res = fit(student, data, loss_fn, cfg, role=role, run_dir=ctx.run_dir, ckpt_meta=meta, teacher=teacher_model, show_progress=show)
+        agree = teacher_agreement(res.model, teacher, data, tcfg.eval_batch_size)
+        results[role] = {"arch": spec, "flops": count_flops(res.model, shape), "teacher_agreement": agree, **res.metrics}
+
+    if cfg.baseline:
+        results["kd_gain"] = results["student"]["test_acc"] - results["scratch"]["test_acc"]
+    _print_results(results, cfg)
+    results.update(T=cfg.T, alpha=cfg.alpha, loss=cfg.loss.name, dataset=dataset_config(cfg))
+    return results
+
+
+def teacher_agreement(model, teacher, data: DeviceData, batch_size: int) -> float:
+    """Share of test images on which the model's top-1 class is the teacher's."""
+    ours = predict(model, data.test.x, batch_size).argmax(1)
+    return (ours == predict(teacher, data.test.x, batch_size).argmax(1)).float().mean().item()
+
+
+def _print_results(results: dict, cfg) -> None:
+    rows = []
+    for role, label in (("teacher", "teacher"), ("scratch", "student, from scratch"), ("student", f"student, distilled (T={cfg.T:g}, alpha={cfg.alpha:g})")):
+        r = results.get(role)
+        if r is None:
+            continue
+        rows.append(
+            [
+                label,
+                r["arch"]["name"],
+                pct(r["test_acc"]),
+                pct(r.get("test_acc_last")),
+                f"{r['params']:,}",
+                f"{r['flops'] / 1e6:.2f}",
+            ]
+        )
+    console.print(table("Test accuracy (checkpoint chosen on validation)", ["", "model", "test acc %", "last epoch %", "params", "MFLOPs/img"], rows))
+    if "kd_gain" in results:
+        gain = 100 * results["kd_gain"]
+        console.print(f"KD gain over the scratch student: [bold]{gain:+.2f}[/bold] points of test accuracy")

@@ -1,0 +1,47 @@
+"""kd list [models|losses|datasets] [imports=...]: what the registries hold."""
+
+from __future__ import annotations
+
+from kdcli.errors import KdError
+from kdcli.registry import DATASETS, LOSSES, MODELS, import_user_modules, load_plugins
+from kdcli.report import console, table
+
+KINDS = {"models": MODELS, "losses": LOSSES, "datasets": DATASETS}
+
+
+def _params(registry, name: str) -> str:
+    return ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in registry.params(name).items()) or "-"
+
+
+def main(args: list[str]) -> int:
+    kinds, imports = [], []
+    for a in args:
+        if a.startswith("imports="):
+            value = a.split("=", 1)[1].strip("[]")
+            imports += [v.strip() for v in value.split(",") if v.strip()]
+        elif a in KINDS:
+            kinds.append(a)
+        else:
+            raise KdError(f"kd list: unknown argument '{a}'. Usage: kd list [models|losses|datasets] [imports=[module,...]]")
+    import_user_modules(imports)
+    load_plugins()
+    import kdcli.data  # noqa: F401
+    import kdcli.losses  # noqa: F401
+    import kdcli.models
+
+    for kind in kinds or list(KINDS):
+        registry = KINDS[kind]
+        rows = []
+        for name in registry.names():
+            row = [name, _params(registry, name), registry.summary(name)]
+            if kind == "models":
+                try:
+                    row.insert(2, f"{kdcli.models.count_params(kdcli.models.build_model(name, (1, 28, 28), 10)):,}")
+                except Exception:  # a user model may need other inputs or required kwargs
+                    row.insert(2, "-")
+            rows.append(row)
+        columns = ["name", "parameters", "description"]
+        if kind == "models":
+            columns.insert(2, "weights (1x28x28, 10 classes)")
+        console.print(table(f"{kind} ({'teacher=NAME / student=NAME' if kind == 'models' else 'loss=NAME' if kind == 'losses' else 'dataset=NAME'})", columns, rows))
+    return 0

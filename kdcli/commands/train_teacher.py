@@ -1,0 +1,42 @@
+"""kd train-teacher: train the teacher, keep its best-on-validation and last checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdcli.app import Context
+from kdcli.commands.common import ckpt_meta, dataset_config, device_data, new_model
+from kdcli.data import DeviceData
+from kdcli.engine import fit
+from kdcli.losses import build_loss
+from kdcli.models import count_flops
+from kdcli.report import console, pct, table
+
+
+def train(cfg, data: DeviceData, run_dir: Path, ctx: Context) -> dict:
+    """Train cfg.teacher on `data`; returns the teacher's figures (also used by distill)."""
+    model, spec = new_model(cfg.teacher, data, ctx.device, int(cfg.seed))
+    result = fit(
+        model,
+        data,
+        build_loss("ce", 1.0, 1.0),
+        cfg,
+        role="teacher",
+        run_dir=run_dir,
+        ckpt_meta=ckpt_meta(spec, data, dataset_config(cfg)),
+        show_progress=ctx.show_progress and cfg.trainer.progress,
+    )
+    return {"arch": spec, "flops": count_flops(result.model, data.info.input_shape), **result.metrics}
+
+
+def run(cfg, ctx: Context) -> dict:
+    data = device_data(cfg, ctx.device)
+    teacher = train(cfg, data, ctx.run_dir, ctx)
+    console.print(
+        table(
+            "Teacher",
+            ["model", "test acc % (best val)", "test acc % (last)", "val acc %", "params"],
+            [[teacher["arch"]["name"], pct(teacher["test_acc"]), pct(teacher["test_acc_last"]), pct(teacher["val_acc"]), f"{teacher['params']:,}"]],
+        )
+    )
+    return {"teacher": teacher, "dataset": dataset_config(cfg)}

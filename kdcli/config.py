@@ -1,0 +1,201 @@
+"""Config schemas (one dataclass per command, registered in Hydra's ConfigStore) and the
+checks that run before any work starts."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from kdcli.errors import KdError
+from kdcli.registry import DATASETS, LOSSES, MODELS
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 20
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    max_batches: Optional[int] = None  # stop each epoch after this many batches (smoke runs)
+    grad_clip: Optional[float] = None  # max gradient norm; null = no clipping
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
+    progress: bool = True  # progress bar when writing to a terminal (never in sweeps)
+
+
+@dataclass
+class CommonConfig:
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    data_root: str = "${oc.env:KDCLI_DATA,'~/.cache/kdcli/data'}"
+    runs_dir: str = "${oc.env:KDCLI_RUNS,runs}"
+    imports: List[str] = field(default_factory=list)  # modules or .py files that register models/losses
+    smoke: bool = False  # set by debug=smoke: tiny sizes everywhere (see SMOKE)
+
+
+@dataclass
+class TrainTeacherConfig(CommonConfig):
+    teacher: Any = MISSING
+    dataset: Any = MISSING
+    optimizer: Any = MISSING
+    scheduler: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    augment: bool = True  # dataset.shift / dataset.flip on the training split
+
+
+@dataclass
+class DistillConfig(TrainTeacherConfig):
+    student: Any = MISSING
+    loss: Any = MISSING
+    T: float = 4.0
+    alpha: float = 0.1
+    baseline: bool = True  # also train the student from scratch and report the KD gain
+
+
+@dataclass
+class EvaluateConfig(CommonConfig):
+    checkpoints: List[str] = field(default_factory=list)
+    run: Optional[str] = None  # a distill or train-teacher run directory
+    reference: Optional[str] = None  # checkpoint to measure agreement against (default: the teacher)
+    split: str = "test"
+    limit: Optional[int] = None  # evaluate on at most this many images of the split
+    eval_batch_size: int = 1000
+
+
+@dataclass
+class ExportConfig(CommonConfig):
+    checkpoint: Optional[str] = None  # default: the distilled student of the latest distill run
+    formats: List[str] = field(default_factory=lambda: ["torchscript", "onnx"])
+    out_dir: Optional[str] = None  # default: the run directory
+    opset: int = 18
+    check_batches: int = 2  # batches of real test inputs compared against PyTorch
+    batch_size: int = 256
+    atol: float = 1e-4
+
+
+SCHEMAS = {
+    "train_teacher": TrainTeacherConfig,
+    "distill": DistillConfig,
+    "evaluate": EvaluateConfig,
+    "export": ExportConfig,
+}
+
+
+# What debug=smoke sets, for the keys a command has, unless given on the command line.
+SMOKE = {
+    "trainer.epochs": 1,
+    "trainer.max_batches": 3,
+    "trainer.batch_size": 64,
+    "dataset.limit": 256,
+    "limit": 256,
+    "check_batches": 1,
+    "batch_size": 64,
+}
+
+
+def apply_smoke(cfg: DictConfig, overridden: set[str]) -> None:
+    for key, value in SMOKE.items():
+        if key not in overridden and OmegaConf.select(cfg, key, default="<absent>") != "<absent>":
+            OmegaConf.update(cfg, key, value)
+
+
+def _model_node(name: str) -> dict:
+    params = {k: list(v) if isinstance(v, tuple) else v for k, v in MODELS.params(name).items()}
+    return {"name": name, **params}
+
+
+def register_configs() -> None:
+    """Store the schemas, and one `teacher/<model>` and `student/<model>` option per registered
+    model (its keyword parameters with their defaults), so the two groups always offer exactly
+    what the model registry holds, user models included."""
+    cs = ConfigStore.instance()
+    for name, schema in SCHEMAS.items():
+        cs.store(name=f"{name}_schema", node=schema)
+    for name in MODELS.names():
+        cs.store(group="teacher", name=name, node={**_model_node(name), "ckpt": None})
+        cs.store(group="student", name=name, node=_model_node(name))
+
+
+def model_spec(node: DictConfig) -> dict:
+    """{"name", "kwargs"} of a teacher/student node (its keys minus name and ckpt)."""
+    d = OmegaConf.to_container(node, resolve=True)
+    return {"name": d.pop("name"), "kwargs": {k: v for k, v in d.items() if k != "ckpt"}}
+
+
+def group_kwargs(node: DictConfig) -> dict:
+    d = OmegaConf.to_container(node, resolve=True)
+    d.pop("name", None)
+    return d
+
+
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, mps"
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    m = re.fullmatch(r"cuda(?::(\d+))?", spec)
+    if m:
+        if not torch.cuda.is_available():
+            raise KdError(f"device={spec}: no CUDA device is available on this machine. Use device=cpu or device=auto.")
+        n = torch.cuda.device_count()
+        if m.group(1) is not None and int(m.group(1)) >= n:
+            raise KdError(f"device={spec}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}.")
+        return torch.device(spec)
+    if spec == "mps":
+        if not torch.backends.mps.is_available():
+            raise KdError("device=mps: Apple's MPS backend is not available here. Use device=cpu or device=auto.")
+        return torch.device("mps")
+    raise KdError(f"device={spec} is not a device. Choose one of: {DEVICE_CHOICES}.")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise KdError(message)
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("cosine", "step", "onecycle", "none")
+
+
+def validate(cfg: DictConfig, command: str) -> None:
+    """Range and name checks that types alone cannot express. Raises KdError."""
+    resolve_device(cfg.device)
+    if command in ("train_teacher", "distill"):
+        t = cfg.trainer
+        _check(t.epochs >= 1, f"trainer.epochs must be >= 1 (got {t.epochs}).")
+        _check(t.batch_size >= 1, f"trainer.batch_size must be >= 1 (got {t.batch_size}).")
+        _check(t.eval_batch_size >= 1, f"trainer.eval_batch_size must be >= 1 (got {t.eval_batch_size}).")
+        _check(t.max_batches is None or t.max_batches >= 1, f"trainer.max_batches must be >= 1 or null (got {t.max_batches}).")
+        _check(t.grad_clip is None or t.grad_clip > 0, f"trainer.grad_clip must be > 0 or null (got {t.grad_clip}).")
+        _check(cfg.optimizer.name in OPTIMIZERS, f"optimizer.name={cfg.optimizer.name} is unknown. Choose one of: {', '.join(OPTIMIZERS)}.")
+        _check(cfg.optimizer.lr > 0, f"optimizer.lr must be > 0 (got {cfg.optimizer.lr}).")
+        _check(cfg.scheduler.name in SCHEDULERS, f"scheduler.name={cfg.scheduler.name} is unknown. Choose one of: {', '.join(SCHEDULERS)}.")
+        _check(cfg.dataset.name in DATASETS, f"dataset.name={cfg.dataset.name}: {_names(DATASETS)}")
+        _check(cfg.dataset.get("shift", 0) >= 0, f"dataset.shift must be >= 0 pixels (got {cfg.dataset.get('shift')}).")
+        roles = ["teacher", "student"] if command == "distill" else ["teacher"]
+        for role in roles:
+            _check(cfg[role].name in MODELS, f"{role}.name={cfg[role].name}: {_names(MODELS)}")
+    if command == "distill":
+        _check(cfg.T > 0, f"T must be > 0 (got {cfg.T}); it divides the logits. Typical values: 1 to 20, default 4.")
+        _check(0 <= cfg.alpha <= 1, f"alpha must be in [0, 1] (got {cfg.alpha}); it weights the hard-label loss, 1 - alpha the KD term.")
+        _check(cfg.loss.name in LOSSES, f"loss.name={cfg.loss.name}: {_names(LOSSES)}")
+    if command == "evaluate":
+        _check(cfg.split in ("train", "val", "test"), f"split={cfg.split}: choose one of train, val, test.")
+    if command == "export":
+        bad = [f for f in cfg.formats if f not in ("torchscript", "onnx")]
+        _check(not bad and len(cfg.formats) > 0, f"formats={list(cfg.formats)}: choose from torchscript, onnx.")
+        _check(cfg.check_batches >= 1, f"check_batches must be >= 1 (got {cfg.check_batches}).")
+
+
+def _names(registry) -> str:
+    return f"unknown {registry.kind}. Available: {', '.join(registry.names())}."

@@ -1,0 +1,81 @@
+"""Built-in datasets: the embedded mnist5k, and MNIST / Fashion-MNIST through torchvision."""
+
+from __future__ import annotations
+
+import os
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdcli.data.splits import RawData, Split
+from kdcli.errors import KdError
+from kdcli.registry import DATASETS
+
+DIGITS = [str(i) for i in range(10)]
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@DATASETS.register("mnist5k")
+def mnist5k(data_root: str) -> RawData:
+    """5,000 real MNIST digits shipped inside kdcli (works offline); 1,000 held out as test."""
+    with np.load(files("kdcli.data") / "mnist5k.npz") as f:
+        x = torch.from_numpy(f["x"]).unsqueeze(1)
+        y = torch.from_numpy(f["y"]).long()
+    # A fixed, seed-independent test set: 100 images per class.
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    test_mask = torch.zeros(len(y), dtype=torch.bool)
+    for c in range(10):
+        test_mask[order[y[order] == c][:100]] = True
+    return RawData(Split(x[~test_mask], y[~test_mask]), Split(x[test_mask], y[test_mask]), DIGITS)
+
+
+def _torchvision_idx(cls, data_root: str, download: bool, debian_dir: Path | None = None) -> RawData:
+    """Load an MNIST-family dataset with torchvision from data_root/<ClassName>/raw."""
+    from torchvision.datasets.utils import extract_archive
+
+    root = Path(data_root).expanduser()
+    raw_dir = root / cls.__name__ / "raw"
+    wanted = [os.path.basename(url).removesuffix(".gz") for url, _ in cls.resources]
+    missing = [f for f in wanted if not (raw_dir / f).is_file()]
+    if missing and debian_dir is not None and all((debian_dir / f"{f}.gz").is_file() for f in missing):
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        for f in missing:  # Debian ships the gzipped IDX files; torchvision reads them extracted
+            extract_archive(str(debian_dir / f"{f}.gz"), str(raw_dir))
+    try:
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=download)
+    except (RuntimeError, OSError) as e:
+        hint = (
+            f" On Debian/Ubuntu: `apt-get install dataset-fashion-mnist` (files land in {debian_dir})."
+            if debian_dir is not None
+            else ""
+        )
+        raise KdError(
+            f"{cls.__name__} files are missing under {raw_dir}: expected {', '.join(wanted)} "
+            f"(or the same with .gz){' and the download failed' if download else ''} ({e}). "
+            f"Fix: run once with network access (dataset.download=true), or copy the IDX files "
+            f"into {raw_dir}, or point data_root=... at a folder that has them.{hint}"
+        ) from None
+
+    def split(ds) -> Split:
+        return Split(ds.data.unsqueeze(1).contiguous(), ds.targets.long())
+
+    return RawData(split(train), split(test), list(train.classes))
+
+
+@DATASETS.register("mnist")
+def mnist(data_root: str, *, download: bool = True) -> RawData:
+    """MNIST (60k/10k) via torchvision, from data_root/MNIST/raw (downloaded when online)."""
+    from torchvision.datasets import MNIST
+
+    return _torchvision_idx(MNIST, data_root, download)
+
+
+@DATASETS.register("fashion_mnist")
+def fashion_mnist(data_root: str, *, download: bool = True) -> RawData:
+    """Fashion-MNIST (60k/10k) via torchvision; also found in Debian's dataset-fashion-mnist."""
+    from torchvision.datasets import FashionMNIST
+
+    return _torchvision_idx(FashionMNIST, data_root, download, DEBIAN_FASHION_MNIST)

@@ -1,0 +1,75 @@
+"""Device-resident data: whole splits as normalised tensors on the training device, batched by
+index with randperm, augmented with batched tensor ops (no DataLoader, no workers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from kdcli.data.splits import DataInfo, Split, Splits
+
+
+@dataclass
+class DeviceSplit:
+    x: torch.Tensor  # float32 (N, C, H, W), normalised
+    y: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def normalise(x_uint8: torch.Tensor, info: DataInfo, device) -> torch.Tensor:
+    mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
+    return (x_uint8.to(device).float().div_(255) - mean) / std
+
+
+def augment_batch(x: torch.Tensor, shift: int, flip: bool, fill: torch.Tensor, generator) -> torch.Tensor:
+    """Random translation by up to `shift` pixels (uncovered pixels take `fill`, the
+    per-channel value of a black pixel) and, if `flip`, random horizontal flips."""
+    b, c, h, w = x.shape
+    if shift > 0:
+        padded = fill.view(1, c, 1, 1).expand(b, c, h + 2 * shift, w + 2 * shift).clone()
+        padded[:, :, shift : shift + h, shift : shift + w] = x
+        dy, dx = torch.randint(0, 2 * shift + 1, (2, b, 1), device=x.device, generator=generator)
+        rows = (torch.arange(h, device=x.device) + dy)[:, None, :, None].expand(b, c, h, w + 2 * shift)
+        x = padded.gather(2, rows)
+        cols = (torch.arange(w, device=x.device) + dx)[:, None, None, :].expand(b, c, h, w)
+        x = x.gather(3, cols)
+    if flip:
+        mask = torch.rand(b, device=x.device, generator=generator) < 0.5
+        x = torch.where(mask.view(b, 1, 1, 1), x.flip(3), x)
+    return x
+
+
+class DeviceData:
+    def __init__(self, splits: Splits, device: torch.device, shift: int = 0, flip: bool = False):
+        self.info = splits.info
+        self.device = device
+        self.shift, self.flip = int(shift), bool(flip)
+        self.train, self.val, self.test = (
+            DeviceSplit(normalise(s.x, splits.info, device), s.y.to(device))
+            for s in (splits.train, splits.val, splits.test)
+        )
+        self.fill = normalise(torch.zeros(1, len(self.info.mean), 1, 1, dtype=torch.uint8), self.info, device).view(-1)
+
+    def split(self, name: str) -> DeviceSplit:
+        return getattr(self, name)
+
+    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of shuffled, augmented training batches; a last partial batch is dropped
+        so every step sees the same batch size (unless the split is smaller than one batch)."""
+        n = len(self.train)
+        perm = torch.randperm(n, device=self.device, generator=generator)
+        stop = n - n % batch_size if n >= batch_size else n
+        for i in range(0, stop, batch_size):
+            idx = perm[i : i + batch_size]
+            x = self.train.x[idx]
+            if self.shift or self.flip:
+                x = augment_batch(x, self.shift, self.flip, self.fill, generator)
+            yield x, self.train.y[idx]
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return max(1, len(self.train) // batch_size)

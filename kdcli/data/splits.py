@@ -1,0 +1,117 @@
+"""From a registered dataset to train/val/test splits."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from kdcli.errors import KdError
+from kdcli.registry import DATASETS
+
+# Keys of a dataset config that every dataset shares; the rest go to the builder.
+COMMON_KEYS = ("name", "val_size", "split_seed", "classes", "limit", "shift", "flip")
+
+
+@dataclass
+class Split:
+    x: torch.Tensor  # uint8 (N, C, H, W)
+    y: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def take(self, idx: torch.Tensor) -> "Split":
+        return Split(self.x[idx], self.y[idx])
+
+
+@dataclass
+class DataInfo:
+    """What a checkpoint must know about its data to be rebuilt and fed correctly."""
+
+    name: str
+    input_shape: list[int]
+    num_classes: int
+    class_names: list[str]
+    mean: list[float]
+    std: list[float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Splits:
+    train: Split
+    val: Split
+    test: Split
+    info: DataInfo
+
+
+@dataclass
+class RawData:
+    """What a dataset builder returns: uint8 images (N, C, H, W) and int64 labels."""
+
+    train: Split
+    test: Split
+    class_names: list[str]
+
+
+def _select_classes(raw: RawData, classes) -> RawData:
+    names = raw.class_names
+    chosen = []
+    for c in classes:
+        if isinstance(c, str) and not c.lstrip("-").isdigit():
+            if c not in names:
+                raise KdError(f"dataset.classes: unknown class '{c}'. Classes: {', '.join(names)}.")
+            chosen.append(names.index(c))
+        else:
+            i = int(c)
+            if not 0 <= i < len(names):
+                raise KdError(f"dataset.classes: index {i} is out of range 0..{len(names) - 1}.")
+            chosen.append(i)
+    if len(set(chosen)) != len(chosen) or len(chosen) < 2:
+        raise KdError(f"dataset.classes needs at least two distinct classes; got {list(classes)}.")
+    remap = torch.full((len(names),), -1, dtype=torch.long)
+    remap[torch.tensor(chosen)] = torch.arange(len(chosen))
+
+    def keep(split: Split) -> Split:
+        new = remap[split.y]
+        mask = new >= 0
+        return Split(split.x[mask], new[mask])
+
+    return RawData(keep(raw.train), keep(raw.test), [names[i] for i in chosen])
+
+
+def _carve(n: int, size: float | int) -> int:
+    count = int(round(size * n)) if isinstance(size, float) and size < 1 else int(size)
+    if not 0 < count < n:
+        raise KdError(f"dataset.val_size={size} leaves no training or no validation data ({n} training images).")
+    return count
+
+
+def load_splits(cfg: dict, data_root: str) -> Splits:
+    """Build the splits that a dataset config describes (see configs/dataset/*.yaml)."""
+    builder_kwargs = {k: v for k, v in cfg.items() if k not in COMMON_KEYS}
+    raw: RawData = DATASETS.build(cfg["name"], data_root, **builder_kwargs)
+    if cfg.get("classes"):
+        raw = _select_classes(raw, cfg["classes"])
+
+    g = torch.Generator().manual_seed(int(cfg.get("split_seed", 0)))
+    perm = torch.randperm(len(raw.train), generator=g)
+    n_val = _carve(len(perm), cfg["val_size"])
+    train, val, test = raw.train.take(perm[n_val:]), raw.train.take(perm[:n_val]), raw.test
+    if cfg.get("limit"):
+        limit = int(cfg["limit"])
+        train, val, test = (s.take(torch.arange(min(limit, len(s)))) for s in (train, val, test))
+
+    pixels = train.x.float().div_(255)
+    info = DataInfo(
+        name=cfg["name"],
+        input_shape=list(train.x.shape[1:]),
+        num_classes=len(raw.class_names),
+        class_names=list(raw.class_names),
+        mean=pixels.mean(dim=(0, 2, 3)).tolist(),
+        std=pixels.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist(),
+    )
+    return Splits(train, val, test, info)

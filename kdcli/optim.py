@@ -1,0 +1,51 @@
+"""Optimizers and learning-rate schedules from their config groups (configs/optimizer,
+configs/scheduler). Schedules step once per training step."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch.optim import lr_scheduler
+
+from kdcli.config import group_kwargs
+from kdcli.errors import KdError
+
+OPTIMIZER_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def build_optimizer(params, cfg) -> torch.optim.Optimizer:
+    cls = OPTIMIZER_CLASSES[cfg.name]
+    kwargs = group_kwargs(cfg)
+    allowed = set(inspect.signature(cls).parameters) - {"params"}
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise KdError(
+            f"optimizer {cfg.name} has no parameter {', '.join(sorted(unknown))}. "
+            f"Its parameters: {', '.join(sorted(allowed))}."
+        )
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return cls(params, **kwargs)
+
+
+def build_scheduler(optimizer, cfg, steps_per_epoch: int, epochs: int):
+    """None for `none`; warm-up (linear from 0.1 x lr) then the schedule for cosine and step."""
+    total = steps_per_epoch * epochs
+    kw = group_kwargs(cfg)
+    if cfg.name == "none":
+        return None
+    if cfg.name == "onecycle":
+        lr = optimizer.param_groups[0]["lr"]
+        return lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=kw.get("pct_start", 0.25))
+    warmup = int(round(kw.get("warmup_epochs", 0) * steps_per_epoch))
+    if warmup >= total:
+        raise KdError(f"scheduler.warmup_epochs={kw.get('warmup_epochs')} covers the whole run ({epochs} epochs).")
+    if cfg.name == "cosine":
+        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - warmup, eta_min=kw.get("min_lr", 0.0))
+    else:  # step
+        main = lr_scheduler.StepLR(optimizer, step_size=max(1, int(kw["step_epochs"] * steps_per_epoch)), gamma=kw["gamma"])
+    if warmup == 0:
+        return main
+    ramp = lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=warmup)
+    return lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])

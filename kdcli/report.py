@@ -1,0 +1,158 @@
+"""What the user sees: the one rich console, progress bars, result tables, and the summary of
+a sweep (summary.csv and a plot of accuracy against the swept value)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+# Log files and CI logs are read in wide windows: don't wrap at 80 columns there.
+console = Console(width=None if sys.stdout.isatty() else 120)
+log = logging.getLogger("kdcli")
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, label: str, total: int):
+    """Yields advance(); draws a transient bar only when enabled and on a terminal."""
+    if not (enabled and console.is_terminal):
+        yield lambda: None
+        return
+    columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda: progress.advance(task)
+
+
+def pct(x: Any) -> str:
+    return f"{100 * x:.2f}" if isinstance(x, (int, float)) else "-"
+
+
+def _numeric(value: str) -> bool:
+    try:
+        float(value.replace(",", "").rstrip("%"))
+        return True
+    except ValueError:
+        return value == "-"
+
+
+def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
+    """A rich table; columns whose cells are all numbers are right-aligned."""
+    cells = [["-" if v is None else str(v) for v in r] for r in rows]
+    t = Table(title=title, title_justify="left")
+    for i, c in enumerate(columns):
+        numeric = bool(cells) and all(_numeric(r[i]) for r in cells)
+        t.add_column(c, justify="right" if numeric else "left")
+    for r in cells:
+        t.add_row(*r)
+    return t
+
+
+# ---------------------------------------------------------------- sweeps
+
+SUMMARY_FIELDS = ("student.test_acc", "scratch.test_acc", "teacher.test_acc", "kd_gain", "test_acc")
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _job_overrides(job_dir: Path) -> list[str]:
+    import yaml
+
+    f = job_dir / ".hydra" / "overrides.yaml"
+    return list(yaml.safe_load(f.read_text()) or []) if f.is_file() else []
+
+
+def summarise_sweep(sweep_dir: Path) -> list[dict]:
+    """One row per job directory: the swept values, status and headline figures. Writes
+    summary.csv and, when one numeric value was swept, summary.png. Returns the rows."""
+    sweep_dir = Path(sweep_dir)
+    jobs = sorted((d for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name))
+    overrides = [dict(o.split("=", 1) for o in _job_overrides(job) if "=" in o) for job in jobs]
+    swept = [k for k in dict.fromkeys(k for o in overrides for k in o) if len({o.get(k) for o in overrides}) > 1]
+    fixed = {k: v for k, v in (overrides[0] if overrides else {}).items() if k not in swept}
+    rows = []
+    for job, over in zip(jobs, overrides):
+        metrics_file = job / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {"status": "missing"}
+        row = {"job": int(job.name), **{k: over.get(k) for k in swept}, "status": metrics.get("status")}
+        for field in SUMMARY_FIELDS:
+            value = _get(metrics, field)
+            if value is not None:
+                row[field] = value
+        if metrics.get("error"):
+            row["error"] = metrics["error"]
+        rows.append(row)
+    if not rows:
+        return rows
+    figures = [f for f in SUMMARY_FIELDS if any(f in r for r in rows)]
+    fields = ["job", *swept, "status", *figures] + (["error"] if any("error" in r for r in rows) else [])
+    with open(sweep_dir / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    shown = ["job", *swept, "status", *figures]
+    title = f"Sweep summary (test accuracy %): {sweep_dir}"
+    if fixed:
+        title += "\nfixed: " + " ".join(f"{k}={v}" for k, v in fixed.items())
+    console.print(table(title, shown, ([pct(r.get(f)) if f in SUMMARY_FIELDS else r.get(f) for f in shown] for r in rows)))
+    for r in rows:
+        if r["status"] != "completed":
+            console.print(f"[red]job {r['job']} {r['status']}[/red]: {r.get('error', '')}", highlight=False)
+    if len(swept) == 1:
+        _plot_sweep(rows, swept[0], figures, sweep_dir / "summary.png")
+    return rows
+
+
+def _plot_sweep(rows: list[dict], key: str, figures: list[str], path: Path) -> None:
+    """Test accuracy against the swept value, when that value is numeric."""
+    try:
+        xs = [float(r[key]) for r in rows]
+    except (TypeError, ValueError):
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for field in (f for f in figures if f != "kd_gain"):
+        pts = sorted((x, r[field]) for x, r in zip(xs, rows) if isinstance(r.get(field), (int, float)))
+        if pts:
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=field)
+    ax.set_xlabel(key)
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class SweepSummary(Callback):
+    """Hydra callback: after a multirun, summarise every job of the sweep directory."""
+
+    failed = False  # read by the command line to choose the exit code
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        rows = summarise_sweep(sweep_dir)
+        SweepSummary.failed = any(r["status"] != "completed" for r in rows)
+        console.print(f"Sweep directory: {sweep_dir}")
