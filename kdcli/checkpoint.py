@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -65,9 +66,11 @@ def load(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported (global|operand)[^\n.]*", str(e))
         raise KdError(
-            f"Refusing to load {path}: it holds pickled Python objects that are not plain tensors or "
-            f"containers (weights-only loading rejected them: {str(e).splitlines()[0]}). "
+            f"Refusing to load {path}: it holds pickled Python objects, not only tensors and containers "
+            f"({found.group(0).strip() if found else 'rejected by weights-only loading'}), and loading it "
+            "could run code. "
             "kdcli only reads checkpoints it wrote; re-save the weights as a plain state dict."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:

@@ -8,7 +8,6 @@ each override names a key that exists, to answer a typo with the keys that do.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import sys
 
@@ -59,15 +58,14 @@ def _parse(overrides: list[str]):
 
 
 def _prepare(command: str, args: list[str]) -> None:
-    """Import user modules, register configs, and refuse overrides of unknown keys."""
-    from hydra.core.override_parser.types import OverrideType
-
-    from kdcli.config import SCHEMAS, register_configs
-    from kdcli.registry import did_you_mean, import_user_modules, load_plugins
+    """Import user modules and register configs, then check every override against the
+    composed config, so a typo is answered with the keys or options that exist."""
+    from kdcli.config import register_configs
+    from kdcli.registry import import_user_modules, load_plugins
 
     parsed = _parse(_overrides(args))
     for o in parsed:
-        if o.key_or_group == "imports" and o.is_sweep_override() is False:
+        if o.key_or_group == "imports" and not o.is_sweep_override():
             value = o.value()
             import_user_modules(value if isinstance(value, list) else [value])
     load_plugins()
@@ -76,15 +74,54 @@ def _prepare(command: str, args: list[str]) -> None:
     import kdcli.models  # noqa: F401
 
     register_configs()
-    known = {f.name for f in dataclasses.fields(SCHEMAS[command])} | {"hydra", "debug"}
-    for o in parsed:
-        if o.type != OverrideType.CHANGE:
-            continue  # +key (add) and ~key (delete) are the user's explicit choice
-        top = o.key_or_group.split(".")[0].split("@")[0].lstrip("/")
-        if top not in known:
+    _check_overrides(command, parsed)
+
+
+def _values(o) -> list[str]:
+    return list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+
+
+def _check_overrides(command: str, parsed: list) -> None:
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.types import OverrideType
+    from omegaconf import DictConfig, OmegaConf
+
+    from kdcli.registry import did_you_mean
+
+    plain = [o for o in parsed if o.type == OverrideType.CHANGE and not o.key_or_group.startswith("hydra")]
+    with initialize_config_module(config_module="kdcli.configs", version_base="1.3", job_name=command):
+        loader = GlobalHydra.instance().config_loader()
+        cfg = compose(config_name=command)
+        groups = {g for g in loader.list_groups("") if g != "hydra"}
+        known = set(cfg.keys()) | groups
+        selections = []
+        for o in plain:
+            top = o.key_or_group.split(".")[0]
+            if top not in known:
+                raise KdError(
+                    f"Unknown key '{top}' in '{o.input_line}'.{did_you_mean(top, known)} "
+                    f"Keys of kd {command.replace('_', '-')}: {', '.join(sorted(known))}."
+                )
+            if o.key_or_group in groups:
+                options = loader.get_group_options(o.key_or_group)
+                for v in _values(o):
+                    if v not in options and v != "null":
+                        raise KdError(
+                            f"Unknown {top} '{v}'.{did_you_mean(v, options)} Options for {top}: {', '.join(options)}."
+                        )
+                selections.append(f"{o.key_or_group}={_values(o)[0]}")
+        cfg = compose(config_name=command, overrides=selections)
+    for o in plain:
+        if "." not in o.key_or_group:
+            continue
+        parent, leaf = o.key_or_group.rsplit(".", 1)
+        node = OmegaConf.select(cfg, parent)
+        if isinstance(node, DictConfig) and leaf not in node:
+            keys = list(node.keys())
             raise KdError(
-                f"Unknown key '{top}' in override '{o.input_line}'.{did_you_mean(top, known)} "
-                f"Keys of kd {command.replace('_', '-')}: {', '.join(sorted(known - {'hydra'}))}."
+                f"Unknown key '{o.key_or_group}'.{did_you_mean(o.key_or_group, [f'{parent}.{k}' for k in keys])} "
+                f"Keys of {parent}: {', '.join(keys) or '(none)'}."
             )
 
 

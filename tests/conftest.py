@@ -1,0 +1,45 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_kd(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real `kd` command (as `python -m kdcli`) in a subprocess."""
+    full_env = {**os.environ, "KDCLI_RUNS": str(cwd / "runs"), "KDCLI_DATA": str(cwd / "data"), "COLUMNS": "200", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "kdcli", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def kd(tmp_path):
+    def call(*args: str, **kw) -> subprocess.CompletedProcess:
+        return run_kd(*args, cwd=tmp_path, **kw)
+
+    call.dir = tmp_path
+    return call
+
+
+@pytest.fixture
+def hydra_cfg():
+    """Compose a command's config with Hydra's compose API (the way notebooks would)."""
+    from hydra import compose, initialize_config_module
+
+    from kdcli.config import register_configs
+    import kdcli.models  # noqa: F401
+
+    register_configs()
+
+    def make(command: str, overrides: list[str] = ()):
+        with initialize_config_module(config_module="kdcli.configs", version_base="1.3", job_name=command):
+            return compose(config_name=command, overrides=list(overrides))
+
+    yield make
+    GlobalHydra.instance().clear()

@@ -1,0 +1,77 @@
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdcli import checkpoint
+from kdcli.errors import KdError
+from kdcli.models import build_model
+
+DATA = {"name": "mnist5k", "input_shape": [1, 28, 28], "num_classes": 10, "class_names": list("0123456789"),
+        "mean": [0.13], "std": [0.31], "dataset": {"name": "mnist5k"}}
+
+
+def _save(path: Path):
+    model = build_model("mlp", (1, 28, 28), 10, {"hidden": [16]})
+    checkpoint.save(path, model, arch={"name": "mlp", "kwargs": {"hidden": [16]}}, data=DATA, role="student", epoch=3)
+    return model
+
+
+def test_roundtrip_is_weights_only_and_self_describing(tmp_path):
+    model = _save(tmp_path / "a.pt")
+    raw = torch.load(tmp_path / "a.pt", weights_only=True)  # plain containers only
+    assert raw["arch"] == {"name": "mlp", "kwargs": {"hidden": [16]}} and raw["epoch"] == 3
+    rebuilt = checkpoint.build_from(checkpoint.load(tmp_path / "a.pt"))
+    x = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(rebuilt(x), model(x))
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+
+
+def test_missing_truncated_foreign_and_pickled_files_are_refused(tmp_path, capsys):
+    with pytest.raises(KdError, match="Checkpoint not found"):
+        checkpoint.load(tmp_path / "nope.pt")
+    _save(tmp_path / "good.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(KdError, match="truncated, corrupt or not a PyTorch file"):
+        checkpoint.load(tmp_path / "cut.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(KdError, match="not a kdcli checkpoint"):
+        checkpoint.load(tmp_path / "other.pt")
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"format": "kdcli-checkpoint", "x": Payload()}, f)
+    torch.save({"format": "kdcli-checkpoint", "x": Payload()}, tmp_path / "evil2.pt")
+    # A torch.save'd payload is caught by name; a raw pickle stream by its opcodes.
+    with pytest.raises(KdError, match=r"Refusing to load .*evil2.pt.*Unsupported global: GLOBAL (builtins\.)?print"):
+        checkpoint.load(tmp_path / "evil2.pt")
+    with pytest.raises(KdError, match=r"Refusing to load .*evil.pt.*could run code"):
+        checkpoint.load(tmp_path / "evil.pt")
+    assert "code ran" not in capsys.readouterr().out
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    _save(tmp_path / "a.pt")
+    ck = checkpoint.load(tmp_path / "a.pt")
+    ck["arch"]["kwargs"] = {"hidden": [32]}
+    with pytest.raises(KdError, match="do not fit model 'mlp'"):
+        checkpoint.build_from(ck, tmp_path / "a.pt")
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path):
+    target = tmp_path / "m.json"
+    checkpoint.write_json(target, {"v": 1})
+
+    def crash(tmp):
+        Path(tmp).write_text("partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        checkpoint.atomic_write(target, crash)
+    assert target.read_text().strip().replace(" ", "").replace("\n", "") == '{"v":1}'
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
