@@ -61,18 +61,15 @@ def _prepare(command: str, args: list[str]) -> None:
     """Import user modules and register configs, then check every override against the
     composed config, so a typo is answered with the keys or options that exist."""
     from kdcli.config import register_configs
-    from kdcli.registry import import_user_modules, load_plugins
+    from kdcli.registry import import_user_modules, load_builtins, load_plugins
 
     parsed = _parse(_overrides(args))
     for o in parsed:
         if o.key_or_group == "imports" and not o.is_sweep_override():
             value = o.value()
             import_user_modules(value if isinstance(value, list) else [value])
+    load_builtins()
     load_plugins()
-    import kdcli.data  # noqa: F401  registration of the built-ins
-    import kdcli.losses  # noqa: F401
-    import kdcli.models  # noqa: F401
-
     register_configs()
     _check_overrides(command, parsed)
 
@@ -119,8 +116,9 @@ def _check_overrides(command: str, parsed: list) -> None:
         node = OmegaConf.select(cfg, parent)
         if isinstance(node, DictConfig) and leaf not in node:
             keys = list(node.keys())
+            hint = did_you_mean(leaf, keys).replace("'", f"'{parent}.", 1)
             raise KdError(
-                f"Unknown key '{o.key_or_group}'.{did_you_mean(o.key_or_group, [f'{parent}.{k}' for k in keys])} "
+                f"Unknown key '{o.key_or_group}'.{hint} "
                 f"Keys of {parent}: {', '.join(keys) or '(none)'}."
             )
 

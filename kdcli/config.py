@@ -12,7 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from kdcli.errors import KdError
-from kdcli.registry import DATASETS, LOSSES, MODELS
+from kdcli.registry import DATASETS, LOSSES, MODELS, load_builtins
 
 
 @dataclass
@@ -111,6 +111,7 @@ def register_configs() -> None:
     """Store the schemas, and one `teacher/<model>` and `student/<model>` option per registered
     model (its keyword parameters with their defaults), so the two groups always offer exactly
     what the model registry holds, user models included."""
+    load_builtins()
     cs = ConfigStore.instance()
     for name, schema in SCHEMAS.items():
         cs.store(name=f"{name}_schema", node=schema)
@@ -169,6 +170,7 @@ SCHEDULERS = ("cosine", "step", "onecycle", "none")
 
 def validate(cfg: DictConfig, command: str) -> None:
     """Range and name checks that types alone cannot express. Raises KdError."""
+    load_builtins()
     resolve_device(cfg.device)
     if command in ("train_teacher", "distill"):
         t = cfg.trainer

@@ -111,6 +111,12 @@ def import_user_modules(modules: Iterable[str]) -> None:
             ) from e
 
 
+def load_builtins() -> None:
+    """Import the packages whose modules register kdcli's own models, losses and datasets."""
+    for package in ("kdcli.models", "kdcli.losses", "kdcli.data"):
+        importlib.import_module(package)
+
+
 def load_plugins() -> None:
     """Import every module exposed in the `kdcli.plugins` entry-point group."""
     for ep in entry_points(group="kdcli.plugins"):

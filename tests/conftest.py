@@ -33,7 +33,6 @@ def hydra_cfg():
     from hydra import compose, initialize_config_module
 
     from kdcli.config import register_configs
-    import kdcli.models  # noqa: F401
 
     register_configs()
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from kdcli.errors import KdError
-from kdcli.registry import DATASETS, LOSSES, MODELS, import_user_modules, load_plugins
+from kdcli.models import build_model, count_params
+from kdcli.registry import DATASETS, LOSSES, MODELS, import_user_modules, load_builtins, load_plugins
 from kdcli.report import console, table
 
 KINDS = {"models": MODELS, "losses": LOSSES, "datasets": DATASETS}
@@ -24,10 +25,8 @@ def main(args: list[str]) -> int:
         else:
             raise KdError(f"kd list: unknown argument '{a}'. Usage: kd list [models|losses|datasets] [imports=[module,...]]")
     import_user_modules(imports)
+    load_builtins()
     load_plugins()
-    import kdcli.data  # noqa: F401
-    import kdcli.losses  # noqa: F401
-    import kdcli.models
 
     for kind in kinds or list(KINDS):
         registry = KINDS[kind]
@@ -36,7 +35,7 @@ def main(args: list[str]) -> int:
             row = [name, _params(registry, name), registry.summary(name)]
             if kind == "models":
                 try:
-                    row.insert(2, f"{kdcli.models.count_params(kdcli.models.build_model(name, (1, 28, 28), 10)):,}")
+                    row.insert(2, f"{count_params(build_model(name, (1, 28, 28), 10)):,}")
                 except Exception:  # a user model may need other inputs or required kwargs
                     row.insert(2, "-")
             rows.append(row)

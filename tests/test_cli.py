@@ -1,0 +1,72 @@
+"""The real `kd` front in a subprocess: help, usage errors, config errors. Fast: no training."""
+
+import pytest
+
+
+def test_help_lists_every_subcommand(kd):
+    r = kd("--help")
+    assert r.returncode == 0
+    for name in ("train-teacher", "distill", "evaluate", "export", "list"):
+        assert name in r.stdout
+
+
+def test_unknown_subcommand_exits_2_with_the_list(kd):
+    r = kd("distil")
+    assert r.returncode == 2
+    assert "unknown command 'distil'. Did you mean 'distill'?" in r.stderr
+    assert "train-teacher" in r.stderr and "export" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["studnet=mlp"], "Unknown key 'studnet' in 'studnet=mlp'. Did you mean 'student'?"),
+        (["student=mpl"], "Unknown student 'mpl'. Did you mean 'mlp'? Options for student: convnet, lenet5, mlp."),
+        (["trainer.epohcs=3"], "Unknown key 'trainer.epohcs'. Did you mean 'trainer.epochs'?"),
+        (["student=lenet5", "student.hidden=[8]"], "Unknown key 'student.hidden'. Keys of student: name."),
+        (["-m", "T=1,2", "optimizer=sgdd"], "Unknown optimizer 'sgdd'. Did you mean 'sgd'?"),
+        (["T=-1"], "T must be > 0 (got -1.0)"),
+        (["alpha=2"], "alpha must be in [0, 1] (got 2.0)"),
+        (["device=tpu"], "device=tpu is not a device. Choose one of: auto, cpu, cuda, cuda:N, mps."),
+        (["teacher.ckpt=missing.pt"], "Checkpoint not found: missing.pt"),
+    ],
+)
+def test_bad_input_gets_one_clear_line_and_exit_1(kd, args, message):
+    r = kd("distill", *args)
+    out = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode == 1, out
+    assert message in out
+    assert "Traceback" not in out
+
+
+def test_wrong_type_is_a_short_hydra_error(kd):
+    r = kd("distill", "T=abc")
+    assert r.returncode == 1
+    assert "Value 'abc' of type 'str' could not be converted to Float" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_full_traceback_on_request(kd):
+    r = kd("distill", "T=-1", env={"HYDRA_FULL_ERROR": "1"})
+    assert r.returncode == 1 and "T must be > 0" in r.stdout
+
+
+def test_cfg_job_prints_the_composed_config(kd):
+    r = kd("distill", "teacher=convnet", "student=mlp", "T=2", "--cfg", "job")
+    assert r.returncode == 0, r.stderr
+    assert "T: 2.0" in r.stdout and "alpha: 0.1" in r.stdout and "name: mlp" in r.stdout
+
+
+def test_command_help_shows_groups_and_options(kd):
+    r = kd("distill", "--help")
+    assert r.returncode == 0
+    assert "kd distill: distill a teacher into a student" in r.stdout
+    for group in ("student: convnet, lenet5, mlp", "optimizer: adam, adamw, sgd", "scheduler: cosine, none, onecycle, step"):
+        assert group in r.stdout
+
+
+def test_list_shows_registries(kd):
+    r = kd("list", "models")
+    assert r.returncode == 0
+    assert "convnet" in r.stdout and "21,840" in r.stdout and "hidden=[256]" in r.stdout
+    assert kd("list", "modles").returncode == 1
