@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,7 +27,7 @@ from kdcli.checkpoint import write_json
 from kdcli.config import apply_smoke, resolve_device, validate
 from kdcli.errors import KdError
 from kdcli.registry import import_user_modules
-from kdcli.report import console
+from kdcli.report import console, error
 
 log = logging.getLogger("kdcli")
 
@@ -89,7 +88,7 @@ def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: Dict
         console.print(f"Run directory: {run_dir}")
         return metrics
     except KdError as e:
-        console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        error(str(e))
         finish("failed", error=str(e))
         Outcome.failed = True
         if multirun:

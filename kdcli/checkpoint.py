@@ -62,7 +62,9 @@ def load(path: str | Path) -> dict:
     """Read and check a checkpoint; every failure is a KdError naming the file."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise KdError(f"Checkpoint not found: {path}. Check the path (relative paths start from the current directory).")
+        raise KdError(
+            f"Checkpoint not found: {path}. Check the path (relative paths start from the current directory)."
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

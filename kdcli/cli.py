@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from kdcli.errors import KdError
-from kdcli.report import console
+from kdcli.report import error
 
 COMMANDS = {
     "train-teacher": ("train_teacher", "train a teacher model on a dataset"),
@@ -24,26 +24,41 @@ COMMANDS = {
 
 USAGE = "usage: kd <command> [key=value ...] [-m] [--cfg job] [--help]"
 
-# Hydra flags that take a value in the next argument.
-_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--info", "-i"}
+# Hydra flags that take a value in the next argument (--info only optionally).
+_FLAGS_WITH_VALUE = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+}
+_INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 
 
 def _help() -> str:
     lines = [USAGE, "", "Knowledge distillation for PyTorch. Commands:"]
     lines += [f"  {name:<14} {text}" for name, (_, text) in COMMANDS.items()]
-    lines += ["", "`kd <command> --help` shows a command's config groups and keys.", "Quick start: kd distill   (teacher=convnet student=mlp on the embedded mnist5k)"]
+    lines += [
+        "",
+        "`kd <command> --help` shows a command's config groups and keys.",
+        "Quick start: kd distill   (teacher=convnet student=mlp on the embedded mnist5k)",
+    ]
     return "\n".join(lines)
 
 
 def _overrides(args: list[str]) -> list[str]:
-    out, skip = [], False
+    """The override arguments among Hydra's command-line arguments."""
+    out, previous = [], ""
     for a in args:
-        if skip:
-            skip = False
-        elif a in _FLAGS_WITH_VALUE:
-            skip = a not in ("--info", "-i")
-        elif not a.startswith("-"):
+        takes_value = previous in _FLAGS_WITH_VALUE or (previous in ("--info", "-i") and a in _INFO_VALUES)
+        if not takes_value and not a.startswith("-"):
             out.append(a)
+        previous = a
     return out
 
 
@@ -82,6 +97,7 @@ def _check_overrides(command: str, parsed: list) -> None:
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
     from omegaconf import DictConfig, OmegaConf
 
     from kdcli.registry import did_you_mean
@@ -108,7 +124,10 @@ def _check_overrides(command: str, parsed: list) -> None:
                             f"Unknown {top} '{v}'.{did_you_mean(v, options)} Options for {top}: {', '.join(options)}."
                         )
                 selections.append(f"{o.key_or_group}={_values(o)[0]}")
-        cfg = compose(config_name=command, overrides=selections)
+        try:
+            cfg = compose(config_name=command, overrides=selections)
+        except HydraException as e:  # e.g. a user's YAML that does not compose
+            raise KdError(f"kd {command.replace('_', '-')}: the config does not compose: {e}") from None
     for o in plain:
         if "." not in o.key_or_group:
             continue
@@ -117,10 +136,7 @@ def _check_overrides(command: str, parsed: list) -> None:
         if isinstance(node, DictConfig) and leaf not in node:
             keys = list(node.keys())
             hint = did_you_mean(leaf, keys).replace("'", f"'{parent}.", 1)
-            raise KdError(
-                f"Unknown key '{o.key_or_group}'.{hint} "
-                f"Keys of {parent}: {', '.join(keys) or '(none)'}."
-            )
+            raise KdError(f"Unknown key '{o.key_or_group}'.{hint} Keys of {parent}: {', '.join(keys) or '(none)'}.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             return list_cmd.main(args)
         _prepare(command, args)
     except KdError as e:
-        console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        error(str(e))
         return 1
 
     from kdcli.app import Outcome, hydra_app

@@ -102,22 +102,39 @@ def apply_smoke(cfg: DictConfig, overridden: set[str]) -> None:
             OmegaConf.update(cfg, key, value)
 
 
-def _model_node(name: str) -> dict:
-    params = {k: list(v) if isinstance(v, tuple) else v for k, v in MODELS.params(name).items()}
+def _node(registry, name: str) -> dict:
+    params = {k: list(v) if isinstance(v, tuple) else v for k, v in registry.params(name).items()}
     return {"name": name, **params}
 
 
+def _has_yaml(group: str, name: str) -> bool:
+    from importlib.resources import files
+
+    return (files("kdcli.configs") / group / f"{name}.yaml").is_file()
+
+
+# Defaults for a dataset that was registered in code without a YAML file in configs/dataset/.
+DATASET_DEFAULTS = {"val_size": 0.1, "split_seed": 0, "classes": None, "limit": None, "shift": 0, "flip": False}
+
+
 def register_configs() -> None:
-    """Store the schemas, and one `teacher/<model>` and `student/<model>` option per registered
-    model (its keyword parameters with their defaults), so the two groups always offer exactly
-    what the model registry holds, user models included."""
+    """Store the schemas, and group options generated from the registries: one
+    `teacher/<model>` and `student/<model>` per registered model, one `loss/<loss>` per loss
+    (each with its keyword parameters and their defaults), and a `dataset/<name>` for each
+    registered dataset that has no YAML file. So the groups always offer exactly what the
+    registries hold, the user's own models, losses and datasets included."""
     load_builtins()
     cs = ConfigStore.instance()
     for name, schema in SCHEMAS.items():
         cs.store(name=f"{name}_schema", node=schema)
     for name in MODELS.names():
-        cs.store(group="teacher", name=name, node={**_model_node(name), "ckpt": None})
-        cs.store(group="student", name=name, node=_model_node(name))
+        cs.store(group="teacher", name=name, node={**_node(MODELS, name), "ckpt": None})
+        cs.store(group="student", name=name, node=_node(MODELS, name))
+    for name in LOSSES.names():
+        cs.store(group="loss", name=name, node=_node(LOSSES, name))
+    for name in DATASETS.names():
+        if not _has_yaml("dataset", name):
+            cs.store(group="dataset", name=name, node={**DATASET_DEFAULTS, **_node(DATASETS, name)})
 
 
 def model_spec(node: DictConfig) -> dict:
@@ -177,11 +194,20 @@ def validate(cfg: DictConfig, command: str) -> None:
         _check(t.epochs >= 1, f"trainer.epochs must be >= 1 (got {t.epochs}).")
         _check(t.batch_size >= 1, f"trainer.batch_size must be >= 1 (got {t.batch_size}).")
         _check(t.eval_batch_size >= 1, f"trainer.eval_batch_size must be >= 1 (got {t.eval_batch_size}).")
-        _check(t.max_batches is None or t.max_batches >= 1, f"trainer.max_batches must be >= 1 or null (got {t.max_batches}).")
+        _check(
+            t.max_batches is None or t.max_batches >= 1,
+            f"trainer.max_batches must be >= 1 or null (got {t.max_batches}).",
+        )
         _check(t.grad_clip is None or t.grad_clip > 0, f"trainer.grad_clip must be > 0 or null (got {t.grad_clip}).")
-        _check(cfg.optimizer.name in OPTIMIZERS, f"optimizer.name={cfg.optimizer.name} is unknown. Choose one of: {', '.join(OPTIMIZERS)}.")
+        _check(
+            cfg.optimizer.name in OPTIMIZERS,
+            f"optimizer.name={cfg.optimizer.name} is unknown. Choose one of: {', '.join(OPTIMIZERS)}.",
+        )
         _check(cfg.optimizer.lr > 0, f"optimizer.lr must be > 0 (got {cfg.optimizer.lr}).")
-        _check(cfg.scheduler.name in SCHEDULERS, f"scheduler.name={cfg.scheduler.name} is unknown. Choose one of: {', '.join(SCHEDULERS)}.")
+        _check(
+            cfg.scheduler.name in SCHEDULERS,
+            f"scheduler.name={cfg.scheduler.name} is unknown. Choose one of: {', '.join(SCHEDULERS)}.",
+        )
         _check(cfg.dataset.name in DATASETS, f"dataset.name={cfg.dataset.name}: {_names(DATASETS)}")
         _check(cfg.dataset.get("shift", 0) >= 0, f"dataset.shift must be >= 0 pixels (got {cfg.dataset.get('shift')}).")
         roles = ["teacher", "student"] if command == "distill" else ["teacher"]
@@ -189,7 +215,10 @@ def validate(cfg: DictConfig, command: str) -> None:
             _check(cfg[role].name in MODELS, f"{role}.name={cfg[role].name}: {_names(MODELS)}")
     if command == "distill":
         _check(cfg.T > 0, f"T must be > 0 (got {cfg.T}); it divides the logits. Typical values: 1 to 20, default 4.")
-        _check(0 <= cfg.alpha <= 1, f"alpha must be in [0, 1] (got {cfg.alpha}); it weights the hard-label loss, 1 - alpha the KD term.")
+        _check(
+            0 <= cfg.alpha <= 1,
+            f"alpha must be in [0, 1] (got {cfg.alpha}); it weights the hard-label loss, 1 - alpha the KD term.",
+        )
         _check(cfg.loss.name in LOSSES, f"loss.name={cfg.loss.name}: {_names(LOSSES)}")
     if command == "evaluate":
         _check(cfg.split in ("train", "val", "test"), f"split={cfg.split}: choose one of train, val, test.")

@@ -44,7 +44,9 @@ def build_scheduler(optimizer, cfg, steps_per_epoch: int, epochs: int):
     if cfg.name == "cosine":
         main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - warmup, eta_min=kw.get("min_lr", 0.0))
     else:  # step
-        main = lr_scheduler.StepLR(optimizer, step_size=max(1, int(kw["step_epochs"] * steps_per_epoch)), gamma=kw["gamma"])
+        main = lr_scheduler.StepLR(
+            optimizer, step_size=max(1, int(kw["step_epochs"] * steps_per_epoch)), gamma=kw["gamma"]
+        )
     if warmup == 0:
         return main
     ramp = lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=warmup)

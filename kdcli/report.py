@@ -14,12 +14,18 @@ from typing import Any, Iterable
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 # Log files and CI logs are read in wide windows: don't wrap at 80 columns there.
 console = Console(width=None if sys.stdout.isatty() else 120)
 log = logging.getLogger("kdcli")
+
+
+def error(message: str) -> None:
+    """The one-paragraph error a user sees (the message is printed as is, never as markup)."""
+    console.print("[bold red]error:[/bold red]", escape(message), highlight=False)
 
 
 @contextlib.contextmanager
@@ -110,7 +116,9 @@ def summarise_sweep(sweep_dir: Path) -> list[dict]:
     title = f"Sweep summary (test accuracy %): {sweep_dir}"
     if fixed:
         title += "\nfixed: " + " ".join(f"{k}={v}" for k, v in fixed.items())
-    console.print(table(title, shown, ([pct(r.get(f)) if f in SUMMARY_FIELDS else r.get(f) for f in shown] for r in rows)))
+    console.print(
+        table(title, shown, ([pct(r.get(f)) if f in SUMMARY_FIELDS else r.get(f) for f in shown] for r in rows))
+    )
     for r in rows:
         if r["status"] != "completed":
             console.print(f"[red]job {r['job']} {r['status']}[/red]: {r.get('error', '')}", highlight=False)

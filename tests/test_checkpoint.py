@@ -8,8 +8,15 @@ from kdcli import checkpoint
 from kdcli.errors import KdError
 from kdcli.models import build_model
 
-DATA = {"name": "mnist5k", "input_shape": [1, 28, 28], "num_classes": 10, "class_names": list("0123456789"),
-        "mean": [0.13], "std": [0.31], "dataset": {"name": "mnist5k"}}
+DATA = {
+    "name": "mnist5k",
+    "input_shape": [1, 28, 28],
+    "num_classes": 10,
+    "class_names": list("0123456789"),
+    "mean": [0.13],
+    "std": [0.31],
+    "dataset": {"name": "mnist5k"},
+}
 
 
 def _save(path: Path):

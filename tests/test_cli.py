@@ -61,7 +61,11 @@ def test_command_help_shows_groups_and_options(kd):
     r = kd("distill", "--help")
     assert r.returncode == 0
     assert "kd distill: distill a teacher into a student" in r.stdout
-    for group in ("student: convnet, lenet5, mlp", "optimizer: adam, adamw, sgd", "scheduler: cosine, none, onecycle, step"):
+    for group in (
+        "student: convnet, lenet5, mlp",
+        "optimizer: adam, adamw, sgd",
+        "scheduler: cosine, none, onecycle, step",
+    ):
         assert group in r.stdout
 
 

@@ -9,7 +9,13 @@ from kdcli.errors import KdError
 
 def test_defaults_compose_and_validate(hydra_cfg):
     cfg = hydra_cfg("distill")
-    assert (cfg.T, cfg.alpha, cfg.teacher.name, cfg.student.name, cfg.dataset.name) == (4.0, 0.1, "convnet", "mlp", "mnist5k")
+    assert (cfg.T, cfg.alpha, cfg.teacher.name, cfg.student.name, cfg.dataset.name) == (
+        4.0,
+        0.1,
+        "convnet",
+        "mlp",
+        "mnist5k",
+    )
     validate(cfg, "distill")
     for command in ("train_teacher", "evaluate", "export"):
         validate(hydra_cfg(command), command)

@@ -87,7 +87,10 @@ def test_mnist_loads_idx_files_through_torchvision(tmp_path):
     for prefix, n in (("train", 60), ("t10k", 20)):
         _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
         _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
-    s = load_splits({"name": "mnist", "download": False, "val_size": 10, "split_seed": 0, "classes": None, "limit": None}, str(tmp_path))
+    s = load_splits(
+        {"name": "mnist", "download": False, "val_size": 10, "split_seed": 0, "classes": None, "limit": None},
+        str(tmp_path),
+    )
     assert (len(s.train), len(s.val), len(s.test)) == (50, 10, 20)
     assert s.test.y.tolist() == [i % 10 for i in range(20)]
     assert s.info.class_names[0].startswith("0")

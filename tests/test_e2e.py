@@ -33,7 +33,9 @@ def test_train_teacher_distill_evaluate_export(kd):
     assert len((t_dir / "metrics.jsonl").read_text().splitlines()) == 2
     assert (t_dir / "config.yaml").is_file() and (t_dir / "train_teacher.log").is_file()
     ck = torch.load(t_dir / "checkpoints" / "teacher_best.pt", weights_only=True)
-    assert ck["arch"]["name"] == "convnet" and ck["data"]["num_classes"] == 10 and ck["data"]["input_shape"] == [1, 28, 28]
+    assert (
+        ck["arch"]["name"] == "convnet" and ck["data"]["num_classes"] == 10 and ck["data"]["input_shape"] == [1, 28, 28]
+    )
     assert (t_dir / "checkpoints" / "teacher_last.pt").is_file()
 
     r = kd("distill", "teacher=convnet", "student=mlp", "T=4", *TINY)
@@ -88,6 +90,13 @@ def test_distill_trains_a_missing_teacher_once(kd):
     assert len(list((kd.dir / "runs" / "train_teacher").iterdir())) == 1
     m = read_metrics(max((kd.dir / "runs" / "distill").iterdir()))
     assert "scratch" not in m and "kd_gain" not in m
+    # The smoke preset works for every command.
+    r = kd("evaluate", "debug=smoke")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads((only_run(kd.dir / "runs", "evaluate") / "evaluation.json").read_text())["images"] == 256
+    r = kd("export", "debug=smoke", "formats=[onnx]")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert read_metrics(only_run(kd.dir / "runs", "export"))["exports"]["onnx"]["checked_images"] == 64
 
 
 def test_sweep_is_summarised_and_a_failed_job_loses_nothing(kd):
@@ -125,10 +134,30 @@ def test_a_user_model_from_a_python_file(kd):
     assert r.returncode == 0 and "tiny_user_cnn" in r.stdout and "A user-defined CNN." in r.stdout
     r = kd("distill", f"imports=[{f}]", "student=tiny_user_cnn", "student.width=6", "debug=smoke")
     assert r.returncode == 0, r.stdout + r.stderr
-    ck = torch.load(next((kd.dir / "runs" / "distill").iterdir()) / "checkpoints" / "student_best.pt", weights_only=True)
+    ck = torch.load(
+        next((kd.dir / "runs" / "distill").iterdir()) / "checkpoints" / "student_best.pt", weights_only=True
+    )
     assert ck["arch"] == {"name": "tiny_user_cnn", "kwargs": {"width": 6}}
     r = kd("distill", "student=tiny_user_cnn", "debug=smoke")  # without the import: a clear error
     assert r.returncode == 1 and "Unknown student 'tiny_user_cnn'" in r.stdout
+
+
+def test_a_user_loss_from_a_python_file(kd):
+    f = kd.dir / "my_losses.py"
+    f.write_text(
+        "import torch.nn.functional as F\n"
+        "from kdcli.registry import LOSSES\n\n"
+        "@LOSSES.register('logit_mse_user')\n"
+        "def logit_mse_user(T, alpha, *, weight: float = 1.0):\n"
+        "    def loss(s, t, y):\n"
+        "        value = alpha * F.cross_entropy(s, y) + weight * F.mse_loss(s, t)\n"
+        "        return value, {}\n"
+        "    return loss\n"
+    )
+    r = kd("distill", f"imports=[{f}]", "loss=logit_mse_user", "loss.weight=0.5", "debug=smoke", "baseline=false")
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = read_metrics(only_run(kd.dir / "runs", "distill"))
+    assert m["loss"] == "logit_mse_user" and m["status"] == "completed"
 
 
 def test_quick_start_default_run(kd):

@@ -15,12 +15,16 @@ def linear(i, o):
 
 def test_parameter_counts_match_the_architectures():
     # convnet on 28x28: 28 -conv5-> 24 -pool-> 12 -conv5-> 8 -pool-> 4, so fc1 sees 20*4*4.
-    assert count_params(build_model("convnet", (1, 28, 28), 10)) == conv(1, 10, 5) + conv(10, 20, 5) + linear(320, 50) + linear(50, 10)
+    assert count_params(build_model("convnet", (1, 28, 28), 10)) == conv(1, 10, 5) + conv(10, 20, 5) + linear(
+        320, 50
+    ) + linear(50, 10)
     # lenet5: conv1 pads by 2 (28 stays 28) -pool-> 14 -conv5-> 10 -pool-> 5.
     assert count_params(build_model("lenet5", (1, 28, 28), 10)) == (
         conv(1, 6, 5) + conv(6, 16, 5) + linear(400, 120) + linear(120, 84) + linear(84, 10)
     )
-    assert count_params(build_model("mlp", (1, 28, 28), 10, {"hidden": [64, 32]})) == linear(784, 64) + linear(64, 32) + linear(32, 10)
+    assert count_params(build_model("mlp", (1, 28, 28), 10, {"hidden": [64, 32]})) == linear(784, 64) + linear(
+        64, 32
+    ) + linear(32, 10)
 
 
 @pytest.mark.parametrize("name", ["mlp", "convnet", "lenet5"])

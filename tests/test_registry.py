@@ -32,7 +32,8 @@ def test_user_model_from_a_python_file(tmp_path):
         "from kdcli.registry import MODELS\n"
         "@MODELS.register('tiny_linear_test')\n"
         "def tiny(input_shape, num_classes, *, bias: bool = True):\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0] * input_shape[1] * input_shape[2], num_classes, bias=bias))\n"
+        "    size = input_shape[0] * input_shape[1] * input_shape[2]\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(size, num_classes, bias=bias))\n"
     )
     import_user_modules([str(f)])
     assert "tiny_linear_test" in MODELS.names()

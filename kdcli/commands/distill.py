@@ -45,13 +45,14 @@ def _check_teacher_data(ckpt: dict, path: Path, data: DeviceData, dataset_cfg: d
     if info["num_classes"] != data.info.num_classes or info["class_names"] != data.info.class_names:
         raise KdError(
             f"Teacher {path} predicts {info['num_classes']} classes ({', '.join(info['class_names'])}); this "
-            f"dataset has {data.info.num_classes} ({', '.join(data.info.class_names)}). Their outputs cannot be matched."
+            f"dataset has {data.info.num_classes} ({', '.join(data.info.class_names)}). "
+            "Their outputs cannot be matched."
         )
     theirs = data_identity(info.get("dataset") or {})
     if theirs != data_identity(dataset_cfg):
-        diff = [k for k in DATA_IDENTITY if theirs.get(k) != dataset_cfg.get(k)]
+        diff = ", ".join(f"dataset.{k}" for k in DATA_IDENTITY if theirs.get(k) != dataset_cfg.get(k))
         log.warning(
-            f"warning  teacher {path} was trained with different data splits ({', '.join(f'dataset.{k}' for k in diff)}): "
+            f"warning  teacher {path} was trained with different data splits ({diff}): "
             "it may have seen this run's validation images."
         )
 
@@ -68,7 +69,9 @@ def obtain_teacher(cfg, data: DeviceData, ctx: Context) -> tuple:
         path = find_teacher_run(cfg.runs_dir, spec, dataset_cfg)
         source = "latest train-teacher run"
         if path is None:
-            run_dir = Path(cfg.runs_dir).expanduser() / "train_teacher" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+            run_dir = (
+                Path(cfg.runs_dir).expanduser() / "train_teacher" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+            )
             log.info(
                 f"teacher  no trained {spec['name']} teacher for this dataset under {Path(cfg.runs_dir).expanduser()}; "
                 f"training one first in {run_dir} (or pass teacher.ckpt=PATH)"
@@ -76,7 +79,10 @@ def obtain_teacher(cfg, data: DeviceData, ctx: Context) -> tuple:
             run_dir.mkdir(parents=True)
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
             figures = train_teacher.train(cfg, data, run_dir, ctx)
-            write_json(run_dir / "metrics.json", {"command": "train_teacher", "status": "completed", "teacher": figures, "dataset": dataset_cfg})
+            write_json(
+                run_dir / "metrics.json",
+                {"command": "train_teacher", "status": "completed", "teacher": figures, "dataset": dataset_cfg},
+            )
             path, source = figures["checkpoint"], "trained now"
     ckpt = checkpoint.load(path)
     _check_teacher_data(ckpt, Path(path), data, dataset_cfg)
@@ -112,9 +118,24 @@ def run(cfg, ctx: Context) -> dict:
     runs.append(("student", build_loss(cfg.loss.name, cfg.T, cfg.alpha, group_kwargs(cfg.loss)), teacher))
     for role, loss_fn, teacher_model in runs:
         student.load_state_dict(init_state)
-        res = fit(student, data, loss_fn, cfg, role=role, run_dir=ctx.run_dir, ckpt_meta=meta, teacher=teacher_model, show_progress=show)
+        res = fit(
+            student,
+            data,
+            loss_fn,
+            cfg,
+            role=role,
+            run_dir=ctx.run_dir,
+            ckpt_meta=meta,
+            teacher=teacher_model,
+            show_progress=show,
+        )
         agree = teacher_agreement(res.model, teacher, data, tcfg.eval_batch_size)
-        results[role] = {"arch": spec, "flops": count_flops(res.model, shape), "teacher_agreement": agree, **res.metrics}
+        results[role] = {
+            "arch": spec,
+            "flops": count_flops(res.model, shape),
+            "teacher_agreement": agree,
+            **res.metrics,
+        }
 
     if cfg.baseline:
         results["kd_gain"] = results["student"]["test_acc"] - results["scratch"]["test_acc"]
@@ -131,7 +152,11 @@ def teacher_agreement(model, teacher, data: DeviceData, batch_size: int) -> floa
 
 def _print_results(results: dict, cfg) -> None:
     rows = []
-    for role, label in (("teacher", "teacher"), ("scratch", "student, from scratch"), ("student", f"student, distilled (T={cfg.T:g}, alpha={cfg.alpha:g})")):
+    for role, label in (
+        ("teacher", "teacher"),
+        ("scratch", "student, from scratch"),
+        ("student", f"student, distilled (T={cfg.T:g}, alpha={cfg.alpha:g})"),
+    ):
         r = results.get(role)
         if r is None:
             continue
@@ -145,7 +170,13 @@ def _print_results(results: dict, cfg) -> None:
                 f"{r['flops'] / 1e6:.2f}",
             ]
         )
-    console.print(table("Test accuracy (checkpoint chosen on validation)", ["", "model", "test acc %", "last epoch %", "params", "MFLOPs/img"], rows))
+    console.print(
+        table(
+            "Test accuracy (checkpoint chosen on validation)",
+            ["", "model", "test acc %", "last epoch %", "params", "MFLOPs/img"],
+            rows,
+        )
+    )
     if "kd_gain" in results:
         gain = 100 * results["kd_gain"]
         console.print(f"KD gain over the scratch student: [bold]{gain:+.2f}[/bold] points of test accuracy")

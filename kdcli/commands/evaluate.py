@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 
 from kdcli import checkpoint
@@ -87,11 +86,18 @@ def run(cfg, ctx: Context) -> dict:
     for path, ck in ckpts:
         model = checkpoint.build_from(ck, path).to(ctx.device)
         logits[path] = (predict(model, x, cfg.eval_batch_size), count_params(model))
-    ref_path = Path(cfg.reference).expanduser() if cfg.reference else next((p for p, ck in ckpts if ck.get("role") == "teacher"), None)
+    ref_path = (
+        Path(cfg.reference).expanduser()
+        if cfg.reference
+        else next((p for p, ck in ckpts if ck.get("role") == "teacher"), None)
+    )
     if ref_path is not None and ref_path not in logits:
         ref_ck = checkpoint.load(ref_path)
         _same_data([(paths[0], ckpts[0][1]), (ref_path, ref_ck)])
-        logits[ref_path] = (predict(checkpoint.build_from(ref_ck, ref_path).to(ctx.device), x, cfg.eval_batch_size), None)
+        logits[ref_path] = (
+            predict(checkpoint.build_from(ref_ck, ref_path).to(ctx.device), x, cfg.eval_batch_size),
+            None,
+        )
     ref = logits[ref_path][0] if ref_path is not None else None
 
     results = []
@@ -108,21 +114,38 @@ def run(cfg, ctx: Context) -> dict:
         }
         if ref is not None:
             row["agreement"] = (out.argmax(1) == ref.argmax(1)).float().mean().item()
-            row["kl_to_reference"] = F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), reduction="batchmean", log_target=True).item()
+            row["kl_to_reference"] = F.kl_div(
+                F.log_softmax(out, 1), F.log_softmax(ref, 1), reduction="batchmean", log_target=True
+            ).item()
         results.append(row)
 
     console.print(
         table(
-            f"{data_info['name']} {cfg.split} split, {len(y)} images" + (f"; agreement with {ref_path}" if ref_path else ""),
+            f"{data_info['name']} {cfg.split} split, {len(y)} images"
+            + (f"; agreement with {ref_path}" if ref_path else ""),
             ["role", "model", "acc %", "NLL", "agreement %", "KL to ref", "params", "size MB", "checkpoint"],
             (
-                [r["role"], r["model"], pct(r["acc"]), f"{r['nll']:.4f}", pct(r.get("agreement")),
-                 f"{r['kl_to_reference']:.4f}" if "kl_to_reference" in r else "-", f"{r['params']:,}", f"{r['size_mb']:.2f}", _short(r["checkpoint"])]
+                [
+                    r["role"],
+                    r["model"],
+                    pct(r["acc"]),
+                    f"{r['nll']:.4f}",
+                    pct(r.get("agreement")),
+                    f"{r['kl_to_reference']:.4f}" if "kl_to_reference" in r else "-",
+                    f"{r['params']:,}",
+                    f"{r['size_mb']:.2f}",
+                    _short(r["checkpoint"]),
+                ]
                 for r in results
             ),
         )
     )
-    summary = {"split": cfg.split, "images": len(y), "reference": str(ref_path) if ref_path else None, "models": results}
+    summary = {
+        "split": cfg.split,
+        "images": len(y),
+        "reference": str(ref_path) if ref_path else None,
+        "models": results,
+    }
     write_json(ctx.run_dir / "evaluation.json", summary)
     return summary
 

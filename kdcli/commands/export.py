@@ -47,8 +47,13 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                model, (example,), dynamo=True, opset_version=opset,
-                input_names=["input"], output_names=["logits"], dynamic_shapes=({0: batch},),
+                model,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_shapes=({0: batch},),
                 verbose=False,
             )
         program.save(tmp)
@@ -94,7 +99,9 @@ def run(cfg, ctx: Context) -> dict:
         suffix, export_fn, runner = FORMATS[fmt]
         target = out_dir / f"{stem}{suffix}"
         try:
-            export_fn(model, x[:1].clone(), target, cfg.opset) if fmt == "onnx" else export_fn(model, x[:1].clone(), target)
+            export_fn(model, x[:1].clone(), target, cfg.opset) if fmt == "onnx" else export_fn(
+                model, x[:1].clone(), target
+            )
         except Exception as e:  # exporters raise many types; name the format and the cause
             raise KdError(f"{fmt} export of {path} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
         run_fn = runner(target)
@@ -102,19 +109,43 @@ def run(cfg, ctx: Context) -> dict:
         diff = float(np.abs(got - reference).max())
         agree = float((got.argmax(1) == reference.argmax(1)).mean())
         ok = bool(np.allclose(got, reference, atol=cfg.atol, rtol=cfg.atol))
-        results[fmt] = {"path": str(target), "max_abs_diff": diff, "top1_agreement": agree, "checked_images": len(x), "ok": ok}
+        results[fmt] = {
+            "path": str(target),
+            "max_abs_diff": diff,
+            "top1_agreement": agree,
+            "checked_images": len(x),
+            "ok": ok,
+        }
     # What a deployment needs besides the graph: how to preprocess and how to name the outputs.
-    write_json(out_dir / f"{stem}.json", {
-        "source_checkpoint": str(path), "arch": ck["arch"], "input_shape": ck["data"]["input_shape"],
-        "preprocess": "x = (pixels / 255 - mean) / std, per channel, NCHW float32",
-        "mean": ck["data"]["mean"], "std": ck["data"]["std"], "class_names": ck["data"]["class_names"],
-        "exports": results,
-    })
-    console.print(table(
-        f"Exports of {path} into {out_dir}, checked on {len(x)} test images",
-        ["format", "file", "max |diff|", "top-1 agreement %", "check"],
-        ([fmt, Path(r["path"]).name, f"{r['max_abs_diff']:.2e}", pct(r["top1_agreement"]), "ok" if r["ok"] else "FAILED"] for fmt, r in results.items()),
-    ))
+    write_json(
+        out_dir / f"{stem}.json",
+        {
+            "source_checkpoint": str(path),
+            "arch": ck["arch"],
+            "input_shape": ck["data"]["input_shape"],
+            "preprocess": "x = (pixels / 255 - mean) / std, per channel, NCHW float32",
+            "mean": ck["data"]["mean"],
+            "std": ck["data"]["std"],
+            "class_names": ck["data"]["class_names"],
+            "exports": results,
+        },
+    )
+    console.print(
+        table(
+            f"Exports of {path} into {out_dir}, checked on {len(x)} test images",
+            ["format", "file", "max |diff|", "top-1 agreement %", "check"],
+            (
+                [
+                    fmt,
+                    Path(r["path"]).name,
+                    f"{r['max_abs_diff']:.2e}",
+                    pct(r["top1_agreement"]),
+                    "ok" if r["ok"] else "FAILED",
+                ]
+                for fmt, r in results.items()
+            ),
+        )
+    )
     failed = [fmt for fmt, r in results.items() if not r["ok"]]
     if failed:
         raise KdError(

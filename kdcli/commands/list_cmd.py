@@ -8,6 +8,7 @@ from kdcli.registry import DATASETS, LOSSES, MODELS, import_user_modules, load_b
 from kdcli.report import console, table
 
 KINDS = {"models": MODELS, "losses": LOSSES, "datasets": DATASETS}
+CHOOSE = {"models": "teacher=NAME / student=NAME", "losses": "loss=NAME", "datasets": "dataset=NAME"}
 
 
 def _params(registry, name: str) -> str:
@@ -23,7 +24,9 @@ def main(args: list[str]) -> int:
         elif a in KINDS:
             kinds.append(a)
         else:
-            raise KdError(f"kd list: unknown argument '{a}'. Usage: kd list [models|losses|datasets] [imports=[module,...]]")
+            raise KdError(
+                f"kd list: unknown argument '{a}'. Usage: kd list [models|losses|datasets] [imports=[module,...]]"
+            )
     import_user_modules(imports)
     load_builtins()
     load_plugins()
@@ -42,5 +45,5 @@ def main(args: list[str]) -> int:
         columns = ["name", "parameters", "description"]
         if kind == "models":
             columns.insert(2, "weights (1x28x28, 10 classes)")
-        console.print(table(f"{kind} ({'teacher=NAME / student=NAME' if kind == 'models' else 'loss=NAME' if kind == 'losses' else 'dataset=NAME'})", columns, rows))
+        console.print(table(f"{kind} ({CHOOSE[kind]})", columns, rows))
     return 0

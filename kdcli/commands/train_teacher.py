@@ -36,7 +36,15 @@ def run(cfg, ctx: Context) -> dict:
         table(
             "Teacher",
             ["model", "test acc % (best val)", "test acc % (last)", "val acc %", "params"],
-            [[teacher["arch"]["name"], pct(teacher["test_acc"]), pct(teacher["test_acc_last"]), pct(teacher["val_acc"]), f"{teacher['params']:,}"]],
+            [
+                [
+                    teacher["arch"]["name"],
+                    pct(teacher["test_acc"]),
+                    pct(teacher["test_acc_last"]),
+                    pct(teacher["val_acc"]),
+                    f"{teacher['params']:,}",
+                ]
+            ],
         )
     )
     return {"teacher": teacher, "dataset": dataset_config(cfg)}

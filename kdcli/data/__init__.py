@@ -3,7 +3,7 @@ train/val/test splits (validation carved from training with a fixed seed), and
 `DeviceData` keeps them normalised on the training device and batches them by index."""
 
 from kdcli.data import builtin  # noqa: F401  (registers the built-in datasets)
-from kdcli.data.splits import DataInfo, Split, Splits, load_splits
 from kdcli.data.device import DeviceData, augment_batch
+from kdcli.data.splits import DataInfo, Split, Splits, load_splits
 
 __all__ = ["DataInfo", "Split", "Splits", "load_splits", "DeviceData", "augment_batch"]

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from kdcli.data.splits import DataInfo, Split, Splits
+from kdcli.data.splits import DataInfo, Splits
 
 
 @dataclass
