@@ -9,6 +9,7 @@ whatever happened.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -52,6 +53,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def full_error() -> bool:
+    """HYDRA_FULL_ERROR=1 asks for tracebacks, ours included."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
 class Outcome:
     """Set by the task; read by the command line after Hydra returns (single runs)."""
 
@@ -93,6 +99,8 @@ def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: Dict
         Outcome.failed = True
         if multirun:
             return metrics
+        if full_error():
+            raise
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         finish("interrupted")

@@ -163,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             return list_cmd.main(args)
         _prepare(command, args)
     except KdError as e:
+        from kdcli.app import full_error
+
+        if full_error():
+            raise
         error(str(e))
         return 1
 

@@ -11,14 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_kd(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the real `kd` command (as `python -m kdcli`) in a subprocess."""
-    full_env = {
-        **os.environ,
-        "KDCLI_RUNS": str(cwd / "runs"),
-        "KDCLI_DATA": str(cwd / "data"),
-        "COLUMNS": "200",
-        **(env or {}),
-    }
-    full_env.pop("HYDRA_FULL_ERROR", None)
+    full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    full_env.update(KDCLI_RUNS=str(cwd / "runs"), KDCLI_DATA=str(cwd / "data"), COLUMNS="200", **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "kdcli", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )

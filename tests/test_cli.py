@@ -49,6 +49,9 @@ def test_wrong_type_is_a_short_hydra_error(kd):
 def test_full_traceback_on_request(kd):
     r = kd("distill", "T=-1", env={"HYDRA_FULL_ERROR": "1"})
     assert r.returncode == 1 and "T must be > 0" in r.stdout
+    assert "Traceback" in r.stderr and "kdcli.errors.KdError: T must be > 0" in r.stderr
+    r = kd("distill", "studnet=mlp", env={"HYDRA_FULL_ERROR": "1"})
+    assert r.returncode == 1 and "Traceback" in r.stderr and "Unknown key 'studnet'" in r.stderr
 
 
 def test_cfg_job_prints_the_composed_config(kd):

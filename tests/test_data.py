@@ -41,6 +41,12 @@ def test_class_subset_is_renumbered():
         load_splits({**MNIST5K, "classes": [1, 12]}, "unused")
 
 
+def test_limit_takes_a_random_subset_of_every_split():
+    s = load_splits({**MNIST5K, "limit": 200}, "unused")
+    assert (len(s.train), len(s.val), len(s.test)) == (200, 200, 200)
+    assert all(torch.bincount(split.y, minlength=10).min() > 5 for split in (s.train, s.val, s.test))
+
+
 def test_device_batches_cover_the_epoch_once():
     s = load_splits({**MNIST5K, "limit": 300}, "unused")
     data = DeviceData(s, torch.device("cpu"))

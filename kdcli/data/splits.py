@@ -101,9 +101,9 @@ def load_splits(cfg: dict, data_root: str) -> Splits:
     perm = torch.randperm(len(raw.train), generator=g)
     n_val = _carve(len(perm), cfg["val_size"])
     train, val, test = raw.train.take(perm[n_val:]), raw.train.take(perm[:n_val]), raw.test
-    if cfg.get("limit"):
+    if cfg.get("limit"):  # a random (seeded) subset of each split: stored order may be sorted by class
         limit = int(cfg["limit"])
-        train, val, test = (s.take(torch.arange(min(limit, len(s)))) for s in (train, val, test))
+        train, val, test = (s.take(torch.randperm(len(s), generator=g)[:limit]) for s in (train, val, test))
 
     pixels = train.x.float().div_(255)
     info = DataInfo(
