@@ -17,8 +17,8 @@ from kdcli.registry import DATASETS, LOSSES, MODELS, load_builtins
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 20
-    batch_size: int = 128
+    epochs: int = 30
+    batch_size: int = 64
     eval_batch_size: int = 1000
     max_batches: Optional[int] = None  # stop each epoch after this many batches (smoke runs)
     grad_clip: Optional[float] = None  # max gradient norm; null = no clipping
