@@ -7,6 +7,7 @@ import contextlib
 import csv
 import json
 import logging
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Iterable
@@ -46,7 +47,7 @@ def pct(x: Any) -> str:
 
 def _numeric(value: str) -> bool:
     try:
-        float(value.replace(",", "").rstrip("%"))
+        float(value.split(" ± ")[0].replace(",", "").rstrip("%"))
         return True
     except ValueError:
         return value == "-"
@@ -124,7 +125,35 @@ def summarise_sweep(sweep_dir: Path) -> list[dict]:
             console.print(f"[red]job {r['job']} {r['status']}[/red]: {r.get('error', '')}", highlight=False)
     if len(swept) == 1:
         _plot_sweep(rows, swept[0], figures, sweep_dir / "summary.png")
+    if "seed" in swept:
+        _over_seeds(rows, [k for k in swept if k != "seed"], figures, sweep_dir / "summary_seeds.csv")
     return rows
+
+
+def _over_seeds(rows: list[dict], keys: list[str], figures: list[str], path: Path) -> None:
+    """Mean ± sample standard deviation over seeds of each figure, for each setting of the
+    other swept keys (completed jobs only)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["status"] == "completed":
+            groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    out = []
+    for setting, members in groups.items():
+        row = {**dict(zip(keys, setting)), "seeds": len(members)}
+        for f in figures:
+            values = [100 * m[f] for m in members if f in m]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            row[f] = f"{statistics.mean(values):.2f} ± {spread:.2f}"
+        out.append(row)
+    if not out:
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(out[0]))
+        writer.writeheader()
+        writer.writerows(out)
+    console.print(
+        table("Over seeds: mean ± std (test accuracy %, KD gain in points)", list(out[0]), (r.values() for r in out))
+    )
 
 
 def _plot_sweep(rows: list[dict], key: str, figures: list[str], path: Path) -> None:

@@ -110,6 +110,14 @@ def test_sweep_is_summarised_and_a_failed_job_loses_nothing(kd):
     assert (sweep / "summary.png").stat().st_size > 1000
     assert "Sweep summary" in r.stdout
 
+    r = kd("distill", "-m", "seed=0,1", "debug=smoke")
+    assert r.returncode == 0, r.stdout + r.stderr
+    sweep = max((kd.dir / "runs" / "distill-multirun").iterdir())
+    (row,) = list(csv.DictReader(open(sweep / "summary_seeds.csv")))
+    gains = [100 * read_metrics(sweep / job)["kd_gain"] for job in ("0", "1")]
+    mean, std = sum(gains) / 2, abs(gains[0] - gains[1]) / 2**0.5  # sample std of two values
+    assert row["seeds"] == "2" and row["kd_gain"] == f"{mean:.2f} ± {std:.2f}"
+
     r = kd("distill", "-m", "T=2,-1", "debug=smoke", "baseline=false")
     assert r.returncode == 1
     sweep = max((kd.dir / "runs" / "distill-multirun").iterdir())
