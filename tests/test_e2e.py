@@ -176,3 +176,12 @@ def test_quick_start_default_run(kd):
     assert m["teacher"]["test_acc"] > 0.97
     assert m["scratch"]["test_acc"] > 0.9 and m["student"]["test_acc"] > 0.9
     assert "KD gain over the scratch student" in r.stdout
+
+
+def test_parallel_sweep_with_the_joblib_launcher(kd):
+    r = kd("distill", "-m", "T=1,4", "debug=smoke", "baseline=false", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    sweep = next((kd.dir / "runs" / "distill-multirun").iterdir())
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [(row["T"], row["status"]) for row in rows] == [("1", "completed"), ("4", "completed")]
+    assert "Joblib.Parallel(n_jobs=2" in r.stdout + r.stderr  # the joblib launcher, not the basic one
