@@ -9,7 +9,6 @@ import os
 import pickle
 import re
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -67,19 +66,19 @@ def load(path: str | Path) -> dict:
         )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported (global|operand)[^\n.]*", str(e))
-        raise KdError(
-            f"Refusing to load {path}: it holds pickled Python objects, not only tensors and containers "
-            f"({found.group(0).strip() if found else 'rejected by weights-only loading'}), and loading it "
-            "could run code. "
-            "kdcli only reads checkpoints it wrote; re-save the weights as a plain state dict."
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # torch.load fails in many ways on a bad file; sort them into two
+        text = str(e)
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text:
+            found = re.search(r"Unsupported (global|operand)[^\n.]*", text)
+            raise KdError(
+                f"Refusing to load {path}: it holds pickled Python objects, not only tensors and containers "
+                f"({found.group(0).strip() if found else 'rejected by weights-only loading'}), and loading it "
+                "could run code. kdcli only reads checkpoints it wrote; re-save the weights as a plain state dict."
+            ) from None
+        detail = text.splitlines()[0] if text else "no detail"
         raise KdError(
             f"Cannot read checkpoint {path}: the file is truncated, corrupt or not a PyTorch file "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}). "
-            "Re-run the command that wrote it, or point to another checkpoint."
+            f"({type(e).__name__}: {detail}). Re-run the command that wrote it, or point to another checkpoint."
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise KdError(

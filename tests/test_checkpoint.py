@@ -43,6 +43,9 @@ def test_missing_truncated_foreign_and_pickled_files_are_refused(tmp_path, capsy
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(KdError, match="truncated, corrupt or not a PyTorch file"):
         checkpoint.load(tmp_path / "cut.pt")
+    (tmp_path / "notes.pt").write_text("hello, not a checkpoint\n")
+    with pytest.raises(KdError, match="notes.pt: the file is truncated, corrupt or not a PyTorch file"):
+        checkpoint.load(tmp_path / "notes.pt")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(KdError, match="not a kdcli checkpoint"):
         checkpoint.load(tmp_path / "other.pt")

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import onnx
@@ -53,6 +54,17 @@ def test_train_teacher_distill_evaluate_export(kd):
     for role in ("teacher", "student, from scratch", "student, distilled"):
         assert role in r.stdout
     assert f"{100 * m['student']['test_acc']:.2f}" in r.stdout
+
+    # A teacher checkpoint that does not fit the request is refused, and nothing is lost.
+    ckpt = t_metrics["teacher"]["checkpoint"]
+    r = kd("distill", "teacher=lenet5", f"teacher.ckpt={ckpt}", *TINY)
+    assert r.returncode == 1 and "holds convnet" in r.stdout and "asks for lenet5" in " ".join(r.stdout.split())
+    r = kd("distill", f"teacher.ckpt={ckpt}", "dataset.classes=[0,1,2]", *TINY)
+    assert r.returncode == 1 and "predicts 10 classes" in r.stdout
+    assert torch.load(ckpt, weights_only=True)["arch"]["name"] == "convnet"
+    for failed in [d for d in (runs / "distill").iterdir() if d != d_dir]:
+        assert read_metrics(failed)["status"] == "failed"
+        shutil.rmtree(failed)
 
     r = kd("evaluate")
     assert r.returncode == 0, r.stdout + r.stderr

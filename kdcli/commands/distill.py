@@ -8,6 +8,7 @@ import logging
 from datetime import datetime
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from kdcli import checkpoint
@@ -57,6 +58,26 @@ def _check_teacher_data(ckpt: dict, path: Path, data: DeviceData, dataset_cfg: d
         )
 
 
+def _check_teacher_arch(ckpt: dict, path: Path, asked: dict) -> None:
+    """A checkpoint describes its own model; refuse it only when the command line asked for
+    another one (teacher=... or teacher.<param>=...), since the group default is no request."""
+    held = ckpt["arch"]
+    if held == asked:
+        return
+    explicit = [
+        o for o in HydraConfig.get().overrides.task if o.split("=")[0].split(".")[0] == "teacher" and "ckpt" not in o
+    ]
+    if explicit:
+        raise KdError(
+            f"teacher.ckpt={path} holds {held['name']} with {held.get('kwargs')}, but the command line asks for "
+            f"{asked['name']} with {asked['kwargs']} ({' '.join(explicit)}). Drop those overrides to use the "
+            "checkpoint's own model, or pass a checkpoint of the model you asked for."
+        )
+    log.info(
+        f"teacher  teacher.ckpt holds {held['name']}; using it (the default teacher={asked['name']} does not apply)"
+    )
+
+
 def obtain_teacher(cfg, data: DeviceData, ctx: Context) -> tuple:
     """Teacher from teacher.ckpt, else the latest matching train-teacher run, else train one
     now (as a train-teacher run of its own, so later runs and sweeps reuse it)."""
@@ -85,6 +106,8 @@ def obtain_teacher(cfg, data: DeviceData, ctx: Context) -> tuple:
             )
             path, source = figures["checkpoint"], "trained now"
     ckpt = checkpoint.load(path)
+    if source == "teacher.ckpt":
+        _check_teacher_arch(ckpt, Path(path), model_spec(cfg.teacher))
     _check_teacher_data(ckpt, Path(path), data, dataset_cfg)
     model = checkpoint.build_from(ckpt, path).to(ctx.device).eval()
     for p in model.parameters():
