@@ -102,6 +102,18 @@ def test_mnist_loads_idx_files_through_torchvision(tmp_path):
     assert s.info.class_names[0].startswith("0")
 
 
+def test_gzipped_idx_files_are_extracted_without_a_download(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", 30), ("t10k", 10)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", np.full((n, 28, 28), 7), gz=True)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10, gz=True)
+    cfg = {"name": "fashion_mnist", "download": False, "val_size": 5, "split_seed": 0, "classes": None, "limit": None}
+    s = load_splits(cfg, str(tmp_path))
+    assert (len(s.train), len(s.val), len(s.test)) == (25, 5, 10)
+    assert s.info.class_names[0] == "T-shirt/top" and int(s.test.x.max()) == 7
+
+
 def test_missing_files_offline_name_the_files_root_and_fix(tmp_path):
     with pytest.raises(KdError) as e:
         load_splits({"name": "mnist", "download": False, "val_size": 10, "split_seed": 0}, str(tmp_path))

@@ -191,7 +191,9 @@ def test_quick_start_default_run(kd):
 
 
 def test_parallel_sweep_with_the_joblib_launcher(kd):
-    r = kd("distill", "-m", "T=1,4", "debug=smoke", "baseline=false", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    r = kd(
+        "distill", "-m", "T=1,4", "debug=smoke", "baseline=false", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     sweep = next((kd.dir / "runs" / "distill-multirun").iterdir())
     rows = list(csv.DictReader(open(sweep / "summary.csv")))

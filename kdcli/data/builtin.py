@@ -38,25 +38,29 @@ def _torchvision_idx(cls, data_root: str, download: bool, debian_dir: Path | Non
     root = Path(data_root).expanduser()
     raw_dir = root / cls.__name__ / "raw"
     wanted = [os.path.basename(url).removesuffix(".gz") for url, _ in cls.resources]
-    missing = [f for f in wanted if not (raw_dir / f).is_file()]
-    if missing and debian_dir is not None and all((debian_dir / f"{f}.gz").is_file() for f in missing):
-        raw_dir.mkdir(parents=True, exist_ok=True)
-        for f in missing:  # Debian ships the gzipped IDX files; torchvision reads them extracted
-            extract_archive(str(debian_dir / f"{f}.gz"), str(raw_dir))
+    # torchvision reads the extracted IDX files; extract gzipped ones found in raw_dir or in
+    # Debian's dataset package ourselves, so that no download is attempted for them.
+    for f in (f for f in wanted if not (raw_dir / f).is_file()):
+        gz = next((d / f"{f}.gz" for d in (raw_dir, debian_dir) if d is not None and (d / f"{f}.gz").is_file()), None)
+        if gz is not None:
+            raw_dir.mkdir(parents=True, exist_ok=True)
+            extract_archive(str(gz), str(raw_dir))
     try:
         train = cls(str(root), train=True, download=download)
         test = cls(str(root), train=False, download=download)
     except (RuntimeError, OSError) as e:
-        hint = (
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        cause = next((line for line in reversed(lines) if "error" in line.lower()), lines[0])
+        debian = (
             f" On Debian/Ubuntu: `apt-get install dataset-fashion-mnist` (files land in {debian_dir})."
             if debian_dir is not None
             else ""
         )
         raise KdError(
-            f"{cls.__name__} files are missing under {raw_dir}: expected {', '.join(wanted)} "
-            f"(or the same with .gz){' and the download failed' if download else ''} ({e}). "
+            f"{cls.__name__} files are missing under {raw_dir}: expected {', '.join(wanted)} (plain or .gz)"
+            f"{f'; the download failed: {cause}' if download else ' and dataset.download=false'}. "
             f"Fix: run once with network access (dataset.download=true), or copy the IDX files "
-            f"into {raw_dir}, or point data_root=... at a folder that has them.{hint}"
+            f"into {raw_dir}, or point data_root=... at a folder that has them.{debian}"
         ) from None
 
     def split(ds) -> Split:
