@@ -123,7 +123,7 @@ def summarise_sweep(sweep_dir: Path) -> list[dict]:
     for r in rows:
         if r["status"] != "completed":
             console.print(f"[red]job {r['job']} {r['status']}[/red]: {r.get('error', '')}", highlight=False)
-    if len(swept) == 1:
+    if len(swept) == 1 and swept[0] != "seed":
         _plot_sweep(rows, swept[0], figures, sweep_dir / "summary.png")
     if "seed" in swept:
         _over_seeds(rows, [k for k in swept if k != "seed"], figures, sweep_dir / "summary_seeds.csv")
