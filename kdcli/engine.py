@@ -145,6 +145,12 @@ def fit(
             checkpoint.save(last_path, model, role=role, epoch=epoch, metrics=row, **ckpt_meta)
             with open(Path(run_dir) / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if epoch == min(2, tcfg.epochs) and val["acc"] <= 1.5 / data.info.num_classes:
+                log.warning(
+                    f"warning  {role}: validation accuracy {val['acc']:.1%} is at chance after {epoch} epoch(s); the "
+                    f"model may have collapsed. Try a lower optimizer.lr (now {cfg.optimizer.lr}; the KD term's "
+                    "gradients grow with T) or optimizer=adam."
+                )
             log.info(
                 f"{role:<8} epoch {epoch:>3}/{tcfg.epochs}  loss {train_loss:7.4f}  "
                 f"train {row['train_acc']:7.2%}  val {val['acc']:7.2%}{' *' if improved else '  '}  "

@@ -1,0 +1,71 @@
+import json
+import logging
+
+import torch
+import torch.nn as nn
+from omegaconf import OmegaConf
+
+from kdcli import checkpoint
+from kdcli.data import DeviceData, load_splits
+from kdcli.engine import evaluate, fit
+from kdcli.losses import build_loss
+
+DATA = {"name": "mnist5k", "val_size": 200, "split_seed": 0, "classes": None, "limit": 400}
+
+
+def recipe(epochs=3, lr=0.05):
+    return OmegaConf.create(
+        {
+            "seed": 0,
+            "trainer": {
+                "epochs": epochs,
+                "batch_size": 50,
+                "eval_batch_size": 1000,
+                "max_batches": None,
+                "grad_clip": 1.0,
+            },
+            "optimizer": {"name": "sgd", "lr": lr, "momentum": 0.9},
+            "scheduler": {"name": "none"},
+        }
+    )
+
+
+def linear():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+
+def test_fit_keeps_the_best_on_validation_and_the_last_checkpoint(tmp_path):
+    data = DeviceData(load_splits(DATA, "unused"), torch.device("cpu"))
+    torch.manual_seed(0)
+    meta = {"arch": {"name": "mlp", "kwargs": {"hidden": []}}, "data": {**data.info.to_dict(), "dataset": DATA}}
+    result = fit(linear(), data, build_loss("ce", 1.0, 1.0), recipe(), role="scratch", run_dir=tmp_path, ckpt_meta=meta)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    best = max(rows, key=lambda r: r["val_acc"])
+    assert result.metrics["best_epoch"] == best["epoch"] and result.metrics["val_acc"] == best["val_acc"]
+    # The returned model holds the best weights; the best file holds the same weights.
+    saved = checkpoint.load(result.best_path)
+    assert saved["epoch"] == best["epoch"]
+    reloaded = checkpoint.build_from(saved)
+    assert evaluate(reloaded, data.test, 1000)["acc"] == result.metrics["test_acc"]
+    assert checkpoint.load(result.last_path)["epoch"] == 3
+    assert evaluate(reloaded, data.val, 1000)["acc"] == best["val_acc"]
+
+
+def test_a_collapsed_model_is_reported(tmp_path, caplog):
+    data = DeviceData(load_splits(DATA, "unused"), torch.device("cpu"))
+    # Dead ReLUs: the output no longer depends on the input, as after a too-large first step.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10))
+    nn.init.constant_(model[1].bias, -1e3)
+    meta = {"arch": {"name": "mlp", "kwargs": {"hidden": []}}, "data": {**data.info.to_dict(), "dataset": DATA}}
+    with caplog.at_level(logging.WARNING, logger="kdcli"):
+        fit(
+            model,
+            data,
+            build_loss("ce", 1.0, 1.0),
+            recipe(epochs=2),
+            role="student",
+            run_dir=tmp_path,
+            ckpt_meta=meta,
+        )
+    assert "validation accuracy" in caplog.text and "is at chance after 2 epoch(s)" in caplog.text
