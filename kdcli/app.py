@@ -24,8 +24,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from kdcli.checkpoint import write_json
-from kdcli.config import apply_smoke, resolve_device, validate
+from kdcli.checkpoint import atomic_write, write_json
+from kdcli.config import resolve_device, validate
 from kdcli.errors import KdError
 from kdcli.registry import import_user_modules
 from kdcli.report import console, error
@@ -81,13 +81,12 @@ def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: Dict
         write_json(run_dir / "metrics.json", metrics)
         return metrics
 
+    write_json(run_dir / "metrics.json", metrics)  # a run killed outright still says "running"
     try:
         import_user_modules(cfg.imports)
-        if cfg.smoke:
-            apply_smoke(cfg, {o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task})
         validate(cfg, command)
         device = resolve_device(cfg.device)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(OmegaConf.to_yaml(cfg, resolve=True)))
         seed_everything(int(cfg.seed), bool(OmegaConf.select(cfg, "trainer.deterministic", default=False)))
         result = run(cfg, Context(run_dir, device, multirun))
         finish("completed", **result)

@@ -72,71 +72,89 @@ def _parse(overrides: list[str]):
         raise KdError(f"{e} (overrides look like key=value, group=option or key=[a,b]).") from None
 
 
-def _prepare(command: str, args: list[str]) -> None:
+def _prepare(command: str, args: list[str]) -> list[str]:
     """Import user modules and register configs, then check every override against the
-    composed config, so a typo is answered with the keys or options that exist."""
+    composed config, so a typo is answered with the keys or options that exist. Returns the
+    overrides that `debug=smoke` stands for (see SMOKE in kdcli/config.py)."""
     from kdcli.config import register_configs
     from kdcli.registry import import_user_modules, load_builtins, load_plugins
 
     parsed = _parse(_overrides(args))
     for o in parsed:
         if o.key_or_group == "imports" and not o.is_sweep_override():
-            value = o.value()
-            import_user_modules(value if isinstance(value, list) else [value])
+            if not isinstance(o.value(), list):
+                raise KdError(f"imports takes a list: imports=[{o.get_value_element_as_str()}].")
+            import_user_modules(o.value())
     load_builtins()
     load_plugins()
     register_configs()
-    _check_overrides(command, parsed)
+    return _check_overrides(command, parsed)
 
 
 def _values(o) -> list[str]:
     return list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
 
 
-def _check_overrides(command: str, parsed: list) -> None:
+def _check_overrides(command: str, parsed: list) -> list[str]:
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.types import OverrideType
-    from hydra.errors import HydraException
     from omegaconf import DictConfig, OmegaConf
 
+    from kdcli.config import SMOKE
     from kdcli.registry import did_you_mean
 
-    plain = [o for o in parsed if o.type == OverrideType.CHANGE and not o.key_or_group.startswith("hydra")]
+    name = f"kd {command.replace('_', '-')}"
+    ours = [o for o in parsed if not o.key_or_group.startswith("hydra")]
     with initialize_config_module(config_module="kdcli.configs", version_base="1.3", job_name=command):
         loader = GlobalHydra.instance().config_loader()
-        cfg = compose(config_name=command)
-        groups = {g for g in loader.list_groups("") if g != "hydra"}
-        known = set(cfg.keys()) | groups
+        cfg = compose(config_name=command, return_hydra_config=True)
+        groups = {g for g in cfg.hydra.runtime.choices if not g.startswith("hydra")}
+        known = {k for k in cfg if k != "hydra"} | groups
         selections = []
-        for o in plain:
+        for o in ours:
             top = o.key_or_group.split(".")[0]
             if top not in known:
                 raise KdError(
                     f"Unknown key '{top}' in '{o.input_line}'.{did_you_mean(top, known)} "
-                    f"Keys of kd {command.replace('_', '-')}: {', '.join(sorted(known))}."
+                    f"Keys of {name}: {', '.join(sorted(known))}."
                 )
+            if o.type == OverrideType.DEL:
+                raise KdError(f"'{o.input_line}': {name} needs {o.key_or_group}; set another value instead.")
             if o.key_or_group in groups:
                 options = loader.get_group_options(o.key_or_group)
                 for v in _values(o):
-                    if v not in options and v != "null":
+                    if v == "null" and top == "debug":
+                        continue
+                    if v not in options:
                         raise KdError(
                             f"Unknown {top} '{v}'.{did_you_mean(v, options)} Options for {top}: {', '.join(options)}."
                         )
                 selections.append(f"{o.key_or_group}={_values(o)[0]}")
         try:
             cfg = compose(config_name=command, overrides=selections)
-        except HydraException as e:  # e.g. a user's YAML that does not compose
-            raise KdError(f"kd {command.replace('_', '-')}: the config does not compose: {e}") from None
-    for o in plain:
+        except Exception as e:  # e.g. a user's YAML that does not compose
+            raise KdError(f"{name}: the config does not compose: {e}") from None
+    for o in ours:
         if "." not in o.key_or_group:
             continue
         parent, leaf = o.key_or_group.rsplit(".", 1)
         node = OmegaConf.select(cfg, parent)
-        if isinstance(node, DictConfig) and leaf not in node:
-            keys = list(node.keys())
-            hint = did_you_mean(leaf, keys).replace("'", f"'{parent}.", 1)
-            raise KdError(f"Unknown key '{o.key_or_group}'.{hint} Keys of {parent}: {', '.join(keys) or '(none)'}.")
+        if not isinstance(node, DictConfig) or leaf in node:
+            continue
+        # `+` may add a keyword that the torch optimizer takes (checked when it is built); any
+        # other unknown key would be ignored, so it is refused like a typo.
+        if o.type == OverrideType.ADD and parent == "optimizer":
+            continue
+        keys = list(node.keys())
+        hint = did_you_mean(leaf, keys).replace("'", f"'{parent}.", 1)
+        raise KdError(f"Unknown key '{o.key_or_group}'.{hint} Keys of {parent}: {', '.join(keys) or '(none)'}.")
+    if not any(o.key_or_group == "debug" and _values(o) == ["smoke"] for o in ours):
+        return []
+    given = {o.key_or_group for o in ours}
+    return [
+        f"{k}={v}" for k, v in SMOKE.items() if k not in given and OmegaConf.select(cfg, k, default="<no>") != "<no>"
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             from kdcli.commands import list_cmd
 
             return list_cmd.main(args)
-        _prepare(command, args)
+        smoke = _prepare(command, args)
+        if smoke:  # right after debug=smoke, among the other overrides (argparse wants them together)
+            at = args.index("debug=smoke") + 1
+            args = args[:at] + smoke + args[at:]
     except KdError as e:
         from kdcli.app import full_error
 

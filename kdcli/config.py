@@ -11,6 +11,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from kdcli.data.splits import COMMON_DEFAULTS
 from kdcli.errors import KdError
 from kdcli.registry import DATASETS, LOSSES, MODELS, load_builtins
 
@@ -33,7 +34,6 @@ class CommonConfig:
     data_root: str = "${oc.env:KDCLI_DATA,'~/.cache/kdcli/data'}"
     runs_dir: str = "${oc.env:KDCLI_RUNS,runs}"
     imports: List[str] = field(default_factory=list)  # modules or .py files that register models/losses
-    smoke: bool = False  # set by debug=smoke: tiny sizes everywhere (see SMOKE)
 
 
 @dataclass
@@ -84,7 +84,8 @@ SCHEMAS = {
 }
 
 
-# What debug=smoke sets, for the keys a command has, unless given on the command line.
+# What `debug=smoke` on the command line adds as overrides, for the keys the command has,
+# unless given there already (configs/debug/smoke.yaml itself sets device=cpu).
 SMOKE = {
     "trainer.epochs": 1,
     "trainer.max_batches": 3,
@@ -96,12 +97,6 @@ SMOKE = {
 }
 
 
-def apply_smoke(cfg: DictConfig, overridden: set[str]) -> None:
-    for key, value in SMOKE.items():
-        if key not in overridden and OmegaConf.select(cfg, key, default="<absent>") != "<absent>":
-            OmegaConf.update(cfg, key, value)
-
-
 def _node(registry, name: str) -> dict:
     params = {k: list(v) if isinstance(v, tuple) else v for k, v in registry.params(name).items()}
     return {"name": name, **params}
@@ -111,10 +106,6 @@ def _has_yaml(group: str, name: str) -> bool:
     from importlib.resources import files
 
     return (files("kdcli.configs") / group / f"{name}.yaml").is_file()
-
-
-# Defaults for a dataset that was registered in code without a YAML file in configs/dataset/.
-DATASET_DEFAULTS = {"val_size": 0.1, "split_seed": 0, "classes": None, "limit": None, "shift": 0, "flip": False}
 
 
 def register_configs() -> None:
@@ -134,7 +125,7 @@ def register_configs() -> None:
         cs.store(group="loss", name=name, node=_node(LOSSES, name))
     for name in DATASETS.names():
         if not _has_yaml("dataset", name):
-            cs.store(group="dataset", name=name, node={**DATASET_DEFAULTS, **_node(DATASETS, name)})
+            cs.store(group="dataset", name=name, node={**COMMON_DEFAULTS, **_node(DATASETS, name)})
 
 
 def model_spec(node: DictConfig) -> dict:
@@ -181,38 +172,45 @@ def _check(ok: bool, message: str) -> None:
         raise KdError(message)
 
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("cosine", "step", "onecycle", "none")
+def _at_least(cfg, key: str, low: float, nullable: bool = False, strict: bool = False) -> None:
+    """cfg.key must be a number >= low (> low if strict), or null if nullable."""
+    value = OmegaConf.select(cfg, key)
+    if value is None and nullable:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > low if strict else value >= low)
+    bound = f"{'>' if strict else '>='} {low:g}" + (" or null" if nullable else "")
+    _check(ok, f"{key} must be a number {bound} (got {value!r}).")
 
 
 def validate(cfg: DictConfig, command: str) -> None:
     """Range and name checks that types alone cannot express. Raises KdError."""
+    from kdcli.optim import OPTIMIZER_CLASSES, SCHEDULERS
+
     load_builtins()
-    resolve_device(cfg.device)
     if command in ("train_teacher", "distill"):
-        t = cfg.trainer
-        _check(t.epochs >= 1, f"trainer.epochs must be >= 1 (got {t.epochs}).")
-        _check(t.batch_size >= 1, f"trainer.batch_size must be >= 1 (got {t.batch_size}).")
-        _check(t.eval_batch_size >= 1, f"trainer.eval_batch_size must be >= 1 (got {t.eval_batch_size}).")
+        _at_least(cfg, "trainer.epochs", 1)
+        _at_least(cfg, "trainer.batch_size", 1)
+        _at_least(cfg, "trainer.eval_batch_size", 1)
+        _at_least(cfg, "trainer.max_batches", 1, nullable=True)
+        _at_least(cfg, "trainer.grad_clip", 0, nullable=True, strict=True)
+        _at_least(cfg, "optimizer.lr", 0, strict=True)
+        _at_least(cfg, "dataset.val_size", 0, strict=True)
+        _at_least(cfg, "dataset.limit", 1, nullable=True)
+        _at_least(cfg, "dataset.shift", 0)
+        optimizers = ", ".join(OPTIMIZER_CLASSES)
         _check(
-            t.max_batches is None or t.max_batches >= 1,
-            f"trainer.max_batches must be >= 1 or null (got {t.max_batches}).",
+            cfg.optimizer.name in OPTIMIZER_CLASSES, f"optimizer.name={cfg.optimizer.name}: choose one of {optimizers}."
         )
-        _check(t.grad_clip is None or t.grad_clip > 0, f"trainer.grad_clip must be > 0 or null (got {t.grad_clip}).")
-        _check(
-            cfg.optimizer.name in OPTIMIZERS,
-            f"optimizer.name={cfg.optimizer.name} is unknown. Choose one of: {', '.join(OPTIMIZERS)}.",
-        )
-        _check(cfg.optimizer.lr > 0, f"optimizer.lr must be > 0 (got {cfg.optimizer.lr}).")
-        _check(
-            cfg.scheduler.name in SCHEDULERS,
-            f"scheduler.name={cfg.scheduler.name} is unknown. Choose one of: {', '.join(SCHEDULERS)}.",
-        )
+        schedulers = ", ".join(SCHEDULERS)
+        _check(cfg.scheduler.name in SCHEDULERS, f"scheduler.name={cfg.scheduler.name}: choose one of {schedulers}.")
         _check(cfg.dataset.name in DATASETS, f"dataset.name={cfg.dataset.name}: {_names(DATASETS)}")
-        _check(cfg.dataset.get("shift", 0) >= 0, f"dataset.shift must be >= 0 pixels (got {cfg.dataset.get('shift')}).")
-        roles = ["teacher", "student"] if command == "distill" else ["teacher"]
-        for role in roles:
+        for role in ["teacher", "student"] if command == "distill" else ["teacher"]:
             _check(cfg[role].name in MODELS, f"{role}.name={cfg[role].name}: {_names(MODELS)}")
+    if command == "train_teacher":
+        _check(
+            cfg.teacher.ckpt is None,
+            "teacher.ckpt is for kd distill (a trained teacher to distill from); train-teacher always trains anew.",
+        )
     if command == "distill":
         _check(cfg.T > 0, f"T must be > 0 (got {cfg.T}); it divides the logits. Typical values: 1 to 20, default 4.")
         _check(
@@ -222,10 +220,14 @@ def validate(cfg: DictConfig, command: str) -> None:
         _check(cfg.loss.name in LOSSES, f"loss.name={cfg.loss.name}: {_names(LOSSES)}")
     if command == "evaluate":
         _check(cfg.split in ("train", "val", "test"), f"split={cfg.split}: choose one of train, val, test.")
+        _at_least(cfg, "eval_batch_size", 1)
+        _at_least(cfg, "limit", 1, nullable=True)
     if command == "export":
         bad = [f for f in cfg.formats if f not in ("torchscript", "onnx")]
         _check(not bad and len(cfg.formats) > 0, f"formats={list(cfg.formats)}: choose from torchscript, onnx.")
-        _check(cfg.check_batches >= 1, f"check_batches must be >= 1 (got {cfg.check_batches}).")
+        _at_least(cfg, "check_batches", 1)
+        _at_least(cfg, "batch_size", 1)
+        _at_least(cfg, "atol", 0)
 
 
 def _names(registry) -> str:

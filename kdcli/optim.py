@@ -12,6 +12,7 @@ from kdcli.config import group_kwargs
 from kdcli.errors import KdError
 
 OPTIMIZER_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+SCHEDULERS = ("cosine", "step", "onecycle", "none")
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
@@ -26,7 +27,10 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
         )
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
-    return cls(params, **kwargs)
+    try:
+        return cls(params, **kwargs)
+    except (TypeError, ValueError) as e:  # torch checks the ranges: say which group it was
+        raise KdError(f"optimizer {cfg.name} with {kwargs}: {e}") from None
 
 
 def build_scheduler(optimizer, cfg, steps_per_epoch: int, epochs: int):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -24,6 +25,10 @@ from kdcli.errors import KdError
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(choices), n=1)
     return f" Did you mean '{close[0]}'?" if close else ""
+
+
+# Annotations of builder parameters that are checked (bool is not accepted as a number).
+_TYPES = {int: int, float: (int, float), bool: bool, str: str, list: (list, tuple)}
 
 
 class Registry:
@@ -66,14 +71,28 @@ class Registry:
         return out
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Build `name` with keyword arguments checked against the builder's signature: unknown
+        names, required ones left unset, and values of the wrong type are KdErrors."""
         fn = self.get(name)
+        params = inspect.signature(fn).parameters
         unknown = set(kwargs) - set(self.params(name))
         if unknown:
             raise KdError(
                 f"{self.kind} '{name}' has no parameter {', '.join(sorted(unknown))}. "
                 f"Its parameters: {', '.join(self.params(name)) or '(none)'}."
             )
-        return fn(*args, **kwargs)
+        for key, value in kwargs.items():
+            if value == "???":
+                raise KdError(f"{self.kind} '{name}' needs a value for '{key}' (it has no default).")
+            expected = _TYPES.get(params[key].annotation)
+            if expected and value is not None and not isinstance(value, expected):
+                raise KdError(
+                    f"{self.kind} '{name}': '{key}' takes {params[key].annotation.__name__} values; got {value!r}."
+                )
+        try:
+            return fn(*args, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise KdError(f"Cannot build {self.kind} '{name}' with {kwargs}: {e}") from None
 
     def summary(self, name: str) -> str:
         doc = inspect.getdoc(self.get(name)) or ""
@@ -93,7 +112,8 @@ def import_user_modules(modules: Iterable[str]) -> None:
                 path = Path(spec).expanduser().resolve()
                 if not path.is_file():
                     raise FileNotFoundError(path)
-                name = f"kdcli_user_{path.stem}"
+                # Named after the whole path: two files called models.py are two modules.
+                name = f"kdcli_user_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
                 if name in sys.modules:
                     continue
                 mod_spec = importlib.util.spec_from_file_location(name, path)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import logging
 import statistics
 import sys
 from pathlib import Path
@@ -21,7 +20,6 @@ from rich.table import Table
 
 # Log files and CI logs are read in wide windows: don't wrap at 80 columns there.
 console = Console(width=None if sys.stdout.isatty() else 120)
-log = logging.getLogger("kdcli")
 
 
 def error(message: str) -> None:
@@ -67,7 +65,7 @@ def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> 
 
 # ---------------------------------------------------------------- sweeps
 
-SUMMARY_FIELDS = ("student.test_acc", "scratch.test_acc", "teacher.test_acc", "kd_gain", "test_acc")
+SUMMARY_FIELDS = ("student.test_acc", "scratch.test_acc", "teacher.test_acc", "kd_gain")
 
 
 def _get(d: dict, dotted: str):
@@ -142,6 +140,9 @@ def _over_seeds(rows: list[dict], keys: list[str], figures: list[str], path: Pat
         row = {**dict(zip(keys, setting)), "seeds": len(members)}
         for f in figures:
             values = [100 * m[f] for m in members if f in m]
+            if not values:  # e.g. kd_gain of baseline=false jobs
+                row[f] = "-"
+                continue
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             row[f] = f"{statistics.mean(values):.2f} ± {spread:.2f}"
         out.append(row)

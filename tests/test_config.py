@@ -28,16 +28,38 @@ def test_defaults_compose_and_validate(hydra_cfg):
         ("T=-1", r"T must be > 0 \(got -1.0\)"),
         ("alpha=1.5", r"alpha must be in \[0, 1\] \(got 1.5\)"),
         ("alpha=-0.1", r"alpha must be in \[0, 1\]"),
-        ("trainer.epochs=0", r"trainer.epochs must be >= 1 \(got 0\)"),
-        ("trainer.batch_size=0", r"trainer.batch_size must be >= 1"),
-        ("optimizer.lr=0", r"optimizer.lr must be > 0"),
-        ("device=gpu", r"device=gpu is not a device. Choose one of: auto, cpu, cuda, cuda:N, mps"),
+        ("trainer.epochs=0", r"trainer.epochs must be a number >= 1 \(got 0\)"),
+        ("trainer.batch_size=0", r"trainer.batch_size must be a number >= 1"),
+        ("trainer.max_batches=0", r"trainer.max_batches must be a number >= 1 or null"),
+        ("optimizer.lr=0", r"optimizer.lr must be a number > 0 \(got 0\)"),
+        ("optimizer.lr=abc", r"optimizer.lr must be a number > 0 \(got 'abc'\)"),
+        ("dataset.limit=-5", r"dataset.limit must be a number >= 1 or null \(got -5\)"),
+        ("teacher.ckpt=x.pt", None),
         ("student.name=resnet9000", r"student.name=resnet9000: unknown model. Available: convnet, lenet5, mlp"),
     ],
 )
 def test_out_of_range_values_name_the_key_and_the_allowed_values(hydra_cfg, override, message):
+    if message is None:  # valid for distill
+        validate(hydra_cfg("distill", [override]), "distill")
+        return
     with pytest.raises(KdError, match=message):
         validate(hydra_cfg("distill", [override]), "distill")
+
+
+@pytest.mark.parametrize(
+    "command,override,message",
+    [
+        ("train_teacher", "teacher.ckpt=x.pt", "teacher.ckpt is for kd distill"),
+        ("evaluate", "eval_batch_size=0", r"eval_batch_size must be a number >= 1 \(got 0\)"),
+        ("evaluate", "limit=0", r"limit must be a number >= 1 or null"),
+        ("export", "batch_size=0", r"batch_size must be a number >= 1"),
+        ("export", "atol=-1", r"atol must be a number >= 0"),
+        ("export", "formats=[tflite]", r"formats=\['tflite'\]: choose from torchscript, onnx"),
+    ],
+)
+def test_other_commands_check_their_values(hydra_cfg, command, override, message):
+    with pytest.raises(KdError, match=message):
+        validate(hydra_cfg(command, [override]), command)
 
 
 def test_wrong_type_is_refused_by_the_schema(hydra_cfg):
@@ -54,6 +76,11 @@ def test_cuda_on_a_machine_without_one():
             resolve_device(spec)
 
 
-def test_auto_and_cpu_devices():
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+def test_unknown_device_lists_the_choices():
+    with pytest.raises(KdError, match="device=gpu is not a device. Choose one of: auto, cpu, cuda, cuda:N, mps"):
+        resolve_device("gpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="a CPU-only machine")
+def test_auto_is_the_cpu_on_a_cpu_only_machine():
+    assert resolve_device("auto") == torch.device("cpu") == resolve_device("cpu")

@@ -92,3 +92,11 @@ def latest_run(runs_dir: str | Path, command: str) -> Path | None:
         except (OSError, ValueError):
             continue
     return max(runs, key=lambda d: d.name) if runs else None
+
+
+def checkpoint_data(data: dict, data_root: str, device: torch.device) -> DeviceData:
+    """The splits a checkpoint's model was trained on, normalised as in its training (the
+    statistics stored in the checkpoint)."""
+    splits = load_splits(data["dataset"], data_root)
+    splits.info.mean, splits.info.std = data["mean"], data["std"]
+    return DeviceData(splits, device)

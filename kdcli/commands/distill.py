@@ -8,12 +8,13 @@ import logging
 from datetime import datetime
 from pathlib import Path
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from kdcli import checkpoint
 from kdcli.app import Context
-from kdcli.checkpoint import write_json
+from kdcli.checkpoint import atomic_write, write_json
 from kdcli.commands import train_teacher
 from kdcli.commands.common import (
     DATA_IDENTITY,
@@ -26,7 +27,7 @@ from kdcli.commands.common import (
 )
 from kdcli.config import group_kwargs, model_spec
 from kdcli.data import DeviceData
-from kdcli.engine import evaluate, fit, predict
+from kdcli.engine import agreement, evaluate, fit, predict
 from kdcli.errors import KdError
 from kdcli.losses import build_loss
 from kdcli.models import count_flops, count_params
@@ -90,15 +91,16 @@ def obtain_teacher(cfg, data: DeviceData, ctx: Context) -> tuple:
         path = find_teacher_run(cfg.runs_dir, spec, dataset_cfg)
         source = "latest train-teacher run"
         if path is None:
-            run_dir = (
-                Path(cfg.runs_dir).expanduser() / "train_teacher" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
-            )
+            stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+            run_dir = Path(cfg.runs_dir).expanduser().resolve() / "train_teacher" / stamp
             log.info(
                 f"teacher  no trained {spec['name']} teacher for this dataset under {Path(cfg.runs_dir).expanduser()}; "
                 f"training one first in {run_dir} (or pass teacher.ckpt=PATH)"
             )
             run_dir.mkdir(parents=True)
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            atomic_write(
+                run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            )
             figures = train_teacher.train(cfg, data, run_dir, ctx)
             write_json(
                 run_dir / "metrics.json",
@@ -118,10 +120,13 @@ def obtain_teacher(cfg, data: DeviceData, ctx: Context) -> tuple:
 
 def run(cfg, ctx: Context) -> dict:
     data = device_data(cfg, ctx.device)
+    # The student first: a bad student config fails before a teacher is trained.
+    student, spec = new_model(cfg.student, data, ctx.device, int(cfg.seed))
+    init_state = copy.deepcopy(student.state_dict())  # scratch and KD students start identical
     teacher, teacher_ckpt, teacher_path = obtain_teacher(cfg, data, ctx)
     tcfg = cfg.trainer
-    t_test = evaluate(teacher, data.test, tcfg.eval_batch_size)
     shape = data.info.input_shape
+    t_test = evaluate(teacher, data.test, tcfg.eval_batch_size)
     results = {
         "teacher": {
             "arch": teacher_ckpt["arch"],
@@ -132,15 +137,14 @@ def run(cfg, ctx: Context) -> dict:
             "flops": count_flops(teacher, shape),
         }
     }
-
-    student, spec = new_model(cfg.student, data, ctx.device, int(cfg.seed))
-    init_state = copy.deepcopy(student.state_dict())  # scratch and KD students start identical
+    t_logits = predict(teacher, data.test.x, tcfg.eval_batch_size)
     meta = ckpt_meta(spec, data, dataset_config(cfg))
     show = ctx.show_progress and tcfg.progress
     runs = [("scratch", build_loss("ce", cfg.T, cfg.alpha), None)] if cfg.baseline else []
     runs.append(("student", build_loss(cfg.loss.name, cfg.T, cfg.alpha, group_kwargs(cfg.loss)), teacher))
     for role, loss_fn, teacher_model in runs:
         student.load_state_dict(init_state)
+        torch.manual_seed(int(cfg.seed))  # the same dropout masks too
         res = fit(
             student,
             data,
@@ -152,11 +156,10 @@ def run(cfg, ctx: Context) -> dict:
             teacher=teacher_model,
             show_progress=show,
         )
-        agree = teacher_agreement(res.model, teacher, data, tcfg.eval_batch_size)
         results[role] = {
             "arch": spec,
             "flops": count_flops(res.model, shape),
-            "teacher_agreement": agree,
+            "teacher_agreement": agreement(predict(res.model, data.test.x, tcfg.eval_batch_size), t_logits),
             **res.metrics,
         }
 
@@ -165,12 +168,6 @@ def run(cfg, ctx: Context) -> dict:
     _print_results(results, cfg)
     results.update(T=cfg.T, alpha=cfg.alpha, loss=cfg.loss.name, dataset=dataset_config(cfg))
     return results
-
-
-def teacher_agreement(model, teacher, data: DeviceData, batch_size: int) -> float:
-    """Share of test images on which the model's top-1 class is the teacher's."""
-    ours = predict(model, data.test.x, batch_size).argmax(1)
-    return (ours == predict(teacher, data.test.x, batch_size).argmax(1)).float().mean().item()
 
 
 def _print_results(results: dict, cfg) -> None:

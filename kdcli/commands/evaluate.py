@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from kdcli import checkpoint
 from kdcli.app import Context
 from kdcli.checkpoint import write_json
-from kdcli.commands.common import latest_run
-from kdcli.data import DeviceData, load_splits
-from kdcli.engine import predict
+from kdcli.commands.common import checkpoint_data, data_identity, latest_run
+from kdcli.engine import agreement, predict
 from kdcli.errors import KdError
 from kdcli.models import count_params
 from kdcli.report import console, pct, table
@@ -34,9 +33,11 @@ def _checkpoints_of_run(run_dir: Path) -> list[Path]:
     if metrics.is_file():
         teacher = (json.loads(metrics.read_text()).get("teacher") or {}).get("checkpoint")
         if teacher and Path(teacher).is_file():
-            paths.append(Path(teacher))
+            paths.append(Path(teacher).resolve())
+        elif teacher:
+            log.warning(f"warning  the teacher of {run_dir}, {teacher}, is gone; evaluating without it")
     for role in ROLE_ORDER:
-        p = run_dir / "checkpoints" / f"{role}_best.pt"
+        p = (run_dir / "checkpoints" / f"{role}_best.pt").resolve()
         if p.is_file() and p not in paths:
             paths.append(p)
     if not paths:
@@ -46,7 +47,7 @@ def _checkpoints_of_run(run_dir: Path) -> list[Path]:
 
 def _select(cfg) -> list[Path]:
     if cfg.checkpoints:
-        return [Path(p).expanduser() for p in cfg.checkpoints]
+        return [Path(p).expanduser().resolve() for p in cfg.checkpoints]
     if cfg.run:
         return _checkpoints_of_run(Path(cfg.run))
     run = latest_run(cfg.runs_dir, "distill")
@@ -59,15 +60,24 @@ def _select(cfg) -> list[Path]:
 
 
 def _same_data(ckpts: list[tuple[Path, dict]]) -> dict:
+    """The data of the first checkpoint, after checking that all were trained on the same split
+    of the same dataset (otherwise their test sets, and so their accuracies, differ)."""
     first_path, first = ckpts[0]
-    key = lambda d: (d["name"], list(d["input_shape"]), list(d["class_names"]))  # noqa: E731
+
+    def key(d: dict) -> dict:
+        return {
+            "input_shape": list(d["input_shape"]),
+            "class_names": list(d["class_names"]),
+            **data_identity(d["dataset"]),
+        }
+
     for path, ck in ckpts[1:]:
-        if key(ck["data"]) != key(first["data"]):
+        theirs, ours = key(ck["data"]), key(first["data"])
+        if theirs != ours:
+            diff = ", ".join(f"{k}: {ours[k]} vs {theirs[k]}" for k in ours if ours[k] != theirs[k])
             raise KdError(
-                f"{path} was trained on {ck['data']['name']} {ck['data']['input_shape']} with classes "
-                f"{ck['data']['class_names']}, but {first_path} on {first['data']['name']} "
-                f"{first['data']['input_shape']} with {first['data']['class_names']}: evaluate compares "
-                "models of one dataset at a time."
+                f"{path} and {first_path} were trained on different data ({diff}); evaluate compares models on "
+                "one split of one dataset at a time."
             )
     return first["data"]
 
@@ -76,21 +86,15 @@ def run(cfg, ctx: Context) -> dict:
     paths = _select(cfg)
     ckpts = [(p, checkpoint.load(p)) for p in paths]
     data_info = _same_data(ckpts)
-    splits = load_splits(data_info["dataset"], cfg.data_root)
-    # Feed every model exactly as in training: the normalisation stored with the first checkpoint.
-    splits.info.mean, splits.info.std = data_info["mean"], data_info["std"]
-    split = DeviceData(splits, ctx.device).split(cfg.split)
+    split = checkpoint_data(data_info, cfg.data_root, ctx.device).split(cfg.split)
     x, y = (split.x[: cfg.limit], split.y[: cfg.limit]) if cfg.limit else (split.x, split.y)
 
     logits = {}
     for path, ck in ckpts:
         model = checkpoint.build_from(ck, path).to(ctx.device)
         logits[path] = (predict(model, x, cfg.eval_batch_size), count_params(model))
-    ref_path = (
-        Path(cfg.reference).expanduser()
-        if cfg.reference
-        else next((p for p, ck in ckpts if ck.get("role") == "teacher"), None)
-    )
+    teacher = next((p for p, ck in ckpts if ck.get("role") == "teacher"), None)
+    ref_path = Path(cfg.reference).expanduser().resolve() if cfg.reference else teacher
     if ref_path is not None and ref_path not in logits:
         ref_ck = checkpoint.load(ref_path)
         _same_data([(paths[0], ckpts[0][1]), (ref_path, ref_ck)])
@@ -113,7 +117,7 @@ def run(cfg, ctx: Context) -> dict:
             "size_mb": path.stat().st_size / 2**20,
         }
         if ref is not None:
-            row["agreement"] = (out.argmax(1) == ref.argmax(1)).float().mean().item()
+            row["agreement"] = agreement(out, ref)
             row["kl_to_reference"] = F.kl_div(
                 F.log_softmax(out, 1), F.log_softmax(ref, 1), reduction="batchmean", log_target=True
             ).item()

@@ -13,8 +13,7 @@ import torch
 from kdcli import checkpoint
 from kdcli.app import Context
 from kdcli.checkpoint import write_json
-from kdcli.commands.common import latest_run
-from kdcli.data import DeviceData, load_splits
+from kdcli.commands.common import checkpoint_data, latest_run
 from kdcli.engine import predict
 from kdcli.errors import KdError
 from kdcli.report import console, pct, table
@@ -33,7 +32,8 @@ def _default_checkpoint(cfg) -> Path:
     return path
 
 
-def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    """opset is ONNX's; TorchScript has none."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript's deprecation notice; the format is still what many runtimes load
         traced = torch.jit.trace(model, example, check_trace=False)
@@ -86,9 +86,7 @@ def run(cfg, ctx: Context) -> dict:
     path = Path(cfg.checkpoint).expanduser() if cfg.checkpoint else _default_checkpoint(cfg)
     ck = checkpoint.load(path)
     model = checkpoint.build_from(ck, path).eval()
-    splits = load_splits(ck["data"]["dataset"], cfg.data_root)
-    splits.info.mean, splits.info.std = ck["data"]["mean"], ck["data"]["std"]
-    test = DeviceData(splits, torch.device("cpu")).test
+    test = checkpoint_data(ck["data"], cfg.data_root, torch.device("cpu")).test
     x = test.x[: cfg.check_batches * cfg.batch_size]
     reference = predict(model, x, cfg.batch_size).numpy()
 
@@ -99,9 +97,7 @@ def run(cfg, ctx: Context) -> dict:
         suffix, export_fn, runner = FORMATS[fmt]
         target = out_dir / f"{stem}{suffix}"
         try:
-            export_fn(model, x[:1].clone(), target, cfg.opset) if fmt == "onnx" else export_fn(
-                model, x[:1].clone(), target
-            )
+            export_fn(model, x[:1].clone(), target, cfg.opset)
         except Exception as e:  # exporters raise many types; name the format and the cause
             raise KdError(f"{fmt} export of {path} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
         run_fn = runner(target)

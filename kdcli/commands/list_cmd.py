@@ -8,6 +8,7 @@ from kdcli.registry import DATASETS, LOSSES, MODELS, import_user_modules, load_b
 from kdcli.report import console, table
 
 KINDS = {"models": MODELS, "losses": LOSSES, "datasets": DATASETS}
+USAGE = "usage: kd list [models|losses|datasets] [imports=[module_or_file.py,...]]"
 CHOOSE = {"models": "teacher=NAME / student=NAME", "losses": "loss=NAME", "datasets": "dataset=NAME"}
 
 
@@ -17,6 +18,9 @@ def _params(registry, name: str) -> str:
 
 def main(args: list[str]) -> int:
     kinds, imports = [], []
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
     for a in args:
         if a.startswith("imports="):
             value = a.split("=", 1)[1].strip("[]")
@@ -25,7 +29,7 @@ def main(args: list[str]) -> int:
             kinds.append(a)
         else:
             raise KdError(
-                f"kd list: unknown argument '{a}'. Usage: kd list [models|losses|datasets] [imports=[module,...]]"
+                f"kd list: unknown argument '{a}'. {USAGE}"
             )
     import_user_modules(imports)
     load_builtins()

@@ -9,8 +9,10 @@ import torch
 from kdcli.errors import KdError
 from kdcli.registry import DATASETS
 
-# Keys of a dataset config that every dataset shares; the rest go to the builder.
-COMMON_KEYS = ("name", "val_size", "split_seed", "classes", "limit", "shift", "flip")
+# Keys that every dataset config has (the rest go to the dataset's builder), with the defaults
+# of a dataset registered in code without a YAML file in configs/dataset/.
+COMMON_DEFAULTS = {"val_size": 0.1, "split_seed": 0, "classes": None, "limit": None, "shift": 0, "flip": False}
+COMMON_KEYS = ("name", *COMMON_DEFAULTS)
 
 
 @dataclass
