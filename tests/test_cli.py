@@ -29,6 +29,13 @@ def test_unknown_subcommand_exits_2_with_the_list(kd):
         (["alpha=2"], "alpha must be in [0, 1] (got 2.0)"),
         (["device=tpu"], "device=tpu is not a device. Choose one of: auto, cpu, cuda, cuda:N, mps."),
         (["teacher.ckpt=missing.pt"], "Checkpoint not found: missing.pt"),
+        (["+trainer.epoch=5"], "Unknown key 'trainer.epoch'. Did you mean 'trainer.epochs'?"),
+        (["+newkey=1"], "Unknown key 'newkey' in '+newkey=1'."),
+        (["teacher=null"], "Unknown teacher 'null'. Options for teacher: convnet, lenet5, mlp."),
+        (["~T"], "'~T': kd distill needs T; set another value instead."),
+        (["imports=my.py"], "imports takes a list: imports=[my.py]."),
+        (["student.hidden=64"], "model 'mlp': 'hidden' takes list values; got 64."),
+        (["optimizer.momentum=-1", "debug=smoke"], "optimizer sgd with"),
     ],
 )
 def test_bad_input_gets_one_clear_line_and_exit_1(kd, args, message):
@@ -37,6 +44,19 @@ def test_bad_input_gets_one_clear_line_and_exit_1(kd, args, message):
     assert r.returncode == 1, out
     assert message in out
     assert "Traceback" not in out
+
+
+def test_options_of_another_command_are_refused(kd):
+    r = kd("train-teacher", "student=mlp")
+    assert r.returncode == 1
+    assert "Unknown key 'student' in 'student=mlp'. Keys of kd train-teacher:" in " ".join(r.stdout.split())
+
+
+def test_smoke_preset_shows_what_it_sets(kd):
+    r = kd("distill", "debug=smoke", "trainer.epochs=2", "--cfg", "job")
+    assert r.returncode == 0, r.stderr
+    assert "epochs: 2" in r.stdout and "max_batches: 3" in r.stdout and "limit: 256" in r.stdout
+    assert "device: cpu" in r.stdout
 
 
 def test_wrong_type_is_a_short_hydra_error(kd):
@@ -77,3 +97,5 @@ def test_list_shows_registries(kd):
     assert r.returncode == 0
     assert "convnet" in r.stdout and "21,840" in r.stdout and "hidden=[256]" in r.stdout
     assert kd("list", "modles").returncode == 1
+    r = kd("list", "--help")
+    assert r.returncode == 0 and "usage: kd list" in r.stdout

@@ -51,10 +51,12 @@ def test_device_batches_cover_the_epoch_once():
     s = load_splits({**MNIST5K, "limit": 300}, "unused")
     data = DeviceData(s, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
-    ys = torch.cat([y for _, y in data.train_batches(64, g)])
-    assert len(ys) == 256  # 4 full batches of 64; the partial batch of 44 is dropped
-    first = torch.cat([x for x, _ in data.train_batches(64, torch.Generator().manual_seed(0))])
-    assert first.shape == (256, 1, 28, 28)
+    xs = torch.cat([x for x, _ in data.train_batches(64, g)])
+    assert xs.shape == (256, 1, 28, 28)  # 4 full batches of 64; the partial batch of 44 is dropped
+    # Each batch row is a distinct training image: no image is drawn twice in an epoch.
+    rows = {bytes(r.numpy()) for r in xs.flatten(1)}
+    train = {bytes(r.numpy()) for r in data.train.x.flatten(1)}
+    assert len(rows) == 256 and rows <= train
 
 
 def test_shift_moves_pixels_and_fills_with_background():

@@ -48,3 +48,30 @@ def test_broken_user_module_is_named(tmp_path):
         import_user_modules([str(f)])
     with pytest.raises(KdError, match="could not import 'no_such_module_xyz'"):
         import_user_modules(["no_such_module_xyz"])
+
+
+def test_types_and_required_parameters_are_checked():
+    reg = Registry("widget")
+
+    @reg.register("box")
+    def box(*, width: int, sizes: list = (1,), scale: float = 1.0):
+        return width * scale
+
+    with pytest.raises(KdError, match="widget 'box' needs a value for 'width'"):
+        reg.build("box", width="???")
+    with pytest.raises(KdError, match="widget 'box': 'sizes' takes list values; got 3"):
+        reg.build("box", width=1, sizes=3)
+    assert reg.build("box", width=2, scale=3) == 6  # an int is a fine float
+
+
+def test_two_user_files_with_the_same_name_both_register(tmp_path):
+    for folder, model in (("a", "same_stem_a"), ("b", "same_stem_b")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "models.py").write_text(
+            "from kdcli.registry import MODELS\n"
+            f"@MODELS.register('{model}')\n"
+            "def build(input_shape, num_classes):\n"
+            "    return None\n"
+        )
+    import_user_modules([str(tmp_path / "a" / "models.py"), str(tmp_path / "b" / "models.py")])
+    assert {"same_stem_a", "same_stem_b"} <= set(MODELS.names())
