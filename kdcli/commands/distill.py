@@ -27,7 +27,7 @@ from kdcli.commands.common import (
 )
 from kdcli.config import group_kwargs, model_spec
 from kdcli.data import DeviceData
-from kdcli.engine import agreement, evaluate, fit, predict
+from kdcli.engine import agreement, fit, predict, scores
 from kdcli.errors import KdError
 from kdcli.losses import build_loss
 from kdcli.models import count_flops, count_params
@@ -126,7 +126,8 @@ def run(cfg, ctx: Context) -> dict:
     teacher, teacher_ckpt, teacher_path = obtain_teacher(cfg, data, ctx)
     tcfg = cfg.trainer
     shape = data.info.input_shape
-    t_test = evaluate(teacher, data.test, tcfg.eval_batch_size)
+    t_logits = predict(teacher, data.test.x, tcfg.eval_batch_size)
+    t_test = scores(t_logits, data.test.y)
     results = {
         "teacher": {
             "arch": teacher_ckpt["arch"],
@@ -137,7 +138,6 @@ def run(cfg, ctx: Context) -> dict:
             "flops": count_flops(teacher, shape),
         }
     }
-    t_logits = predict(teacher, data.test.x, tcfg.eval_batch_size)
     meta = ckpt_meta(spec, data, dataset_config(cfg))
     show = ctx.show_progress and tcfg.progress
     runs = [("scratch", build_loss("ce", cfg.T, cfg.alpha), None)] if cfg.baseline else []
