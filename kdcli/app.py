@@ -24,9 +24,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from kdcli.checkpoint import atomic_write, write_json
 from kdcli.config import resolve_device, validate
 from kdcli.errors import KdError
+from kdcli.files import write_json, write_text
 from kdcli.registry import import_user_modules
 from kdcli.report import console, error
 
@@ -86,7 +86,7 @@ def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: Dict
         import_user_modules(cfg.imports)
         validate(cfg, command)
         device = resolve_device(cfg.device)
-        atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(OmegaConf.to_yaml(cfg, resolve=True)))
+        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         seed_everything(int(cfg.seed), bool(OmegaConf.select(cfg, "trainer.deterministic", default=False)))
         result = run(cfg, Context(run_dir, device, multirun))
         finish("completed", **result)

@@ -4,11 +4,8 @@ name and kwargs) and to feed it (dataset config, input shape, classes, normalisa
 
 from __future__ import annotations
 
-import json
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,31 +13,11 @@ import torch
 import torch.nn as nn
 
 from kdcli.errors import KdError
+from kdcli.files import atomic_write
 from kdcli.models import build_model
 
 FORMAT = "kdcli-checkpoint"
 VERSION = 1
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`:
-    a crash mid-write leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
 
 def save(path: Path, model: nn.Module, *, arch: dict, data: dict, role: str, **extra: Any) -> None:

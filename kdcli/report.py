@@ -4,7 +4,6 @@ a sweep (summary.csv and a plot of accuracy against the swept value)."""
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import statistics
 import sys
@@ -17,6 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+from kdcli.files import write_csv
 
 # Log files and CI logs are read in wide windows: don't wrap at 80 columns there.
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -107,10 +108,7 @@ def summarise_sweep(sweep_dir: Path) -> list[dict]:
         return rows
     figures = [f for f in SUMMARY_FIELDS if any(f in r for r in rows)]
     fields = ["job", *swept, "status", *figures] + (["error"] if any("error" in r for r in rows) else [])
-    with open(sweep_dir / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(sweep_dir / "summary.csv", fields, rows)
     shown = ["job", *swept, "status", *figures]
     title = f"Sweep summary (test accuracy %): {sweep_dir}"
     if fixed:
@@ -148,10 +146,7 @@ def _over_seeds(rows: list[dict], keys: list[str], figures: list[str], path: Pat
         out.append(row)
     if not out:
         return
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(out[0]))
-        writer.writeheader()
-        writer.writerows(out)
+    write_csv(path, list(out[0]), out)
     console.print(
         table("Over seeds: mean ± std (test accuracy %, KD gain in points)", list(out[0]), (r.values() for r in out))
     )

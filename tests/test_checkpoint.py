@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdcli import checkpoint
+from kdcli import checkpoint, files
 from kdcli.errors import KdError
 from kdcli.models import build_model
 
@@ -75,13 +75,13 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
 
 def test_failed_write_keeps_the_previous_file(tmp_path):
     target = tmp_path / "m.json"
-    checkpoint.write_json(target, {"v": 1})
+    files.write_json(target, {"v": 1})
 
     def crash(tmp):
         Path(tmp).write_text("partial")
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        checkpoint.atomic_write(target, crash)
+        files.atomic_write(target, crash)
     assert target.read_text().strip().replace(" ", "").replace("\n", "") == '{"v":1}'
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]

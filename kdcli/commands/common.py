@@ -54,44 +54,37 @@ def ckpt_meta(spec: dict, data: DeviceData, dataset_cfg: dict) -> dict:
     return {"arch": spec, "data": {**data.info.to_dict(), "dataset": dataset_cfg}}
 
 
+def completed_runs(runs_dir: str | Path, *patterns: str) -> list[tuple[Path, dict]]:
+    """(run directory, metrics) of every completed run whose metrics.json matches one of the
+    glob patterns under runs_dir, oldest first."""
+    root = Path(runs_dir).expanduser()
+    found = []
+    for f in (f for pattern in patterns for f in root.glob(f"{pattern}/metrics.json")):
+        try:
+            metrics = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if metrics.get("status") == "completed":
+            found.append((f.stat().st_mtime, f.parent, metrics))
+    return [(run, metrics) for _, run, metrics in sorted(found, key=lambda t: t[0])]
+
+
 def find_teacher_run(runs_dir: str | Path, spec: dict, dataset_cfg: dict) -> Path | None:
     """The best checkpoint of the latest completed train-teacher run with the same teacher
     (name and kwargs) on the same data split, or None."""
-    root = Path(runs_dir).expanduser()
-    candidates = list(root.glob("train_teacher/*/metrics.json")) + list(
-        root.glob("train_teacher-multirun/*/*/metrics.json")
-    )
     wanted = data_identity(dataset_cfg)
-    best: tuple[float, Path] | None = None
-    for f in candidates:
-        try:
-            m = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
+    for _, m in reversed(completed_runs(runs_dir, "train_teacher/*", "train_teacher-multirun/*/*")):
         teacher = m.get("teacher") or {}
         ckpt = Path(teacher.get("checkpoint", ""))
-        if (
-            m.get("status") == "completed"
-            and teacher.get("arch") == spec
-            and data_identity(m.get("dataset") or {}) == wanted
-            and ckpt.is_file()
-        ):
-            stamp = f.stat().st_mtime
-            if best is None or stamp > best[0]:
-                best = (stamp, ckpt)
-    return best[1] if best else None
+        if teacher.get("arch") == spec and data_identity(m.get("dataset") or {}) == wanted and ckpt.is_file():
+            return ckpt
+    return None
 
 
 def latest_run(runs_dir: str | Path, command: str) -> Path | None:
     """The most recent completed single run of `command` under runs_dir."""
-    runs = []
-    for f in (Path(runs_dir).expanduser() / command).glob("*/metrics.json"):
-        try:
-            if json.loads(f.read_text()).get("status") == "completed":
-                runs.append(f.parent)
-        except (OSError, ValueError):
-            continue
-    return max(runs, key=lambda d: d.name) if runs else None
+    runs = completed_runs(runs_dir, f"{command}/*")
+    return runs[-1][0] if runs else None
 
 
 def checkpoint_data(data: dict, data_root: str, device: torch.device) -> DeviceData:

@@ -14,7 +14,6 @@ from omegaconf import OmegaConf
 
 from kdcli import checkpoint
 from kdcli.app import Context
-from kdcli.checkpoint import atomic_write, write_json
 from kdcli.commands import train_teacher
 from kdcli.commands.common import (
     DATA_IDENTITY,
@@ -29,6 +28,7 @@ from kdcli.config import group_kwargs, model_spec
 from kdcli.data import DeviceData
 from kdcli.engine import agreement, fit, predict, scores
 from kdcli.errors import KdError
+from kdcli.files import write_json, write_text
 from kdcli.losses import build_loss
 from kdcli.models import count_flops, count_params
 from kdcli.report import console, pct, table
@@ -98,9 +98,7 @@ def obtain_teacher(cfg, data: DeviceData, ctx: Context) -> tuple:
                 f"training one first in {run_dir} (or pass teacher.ckpt=PATH)"
             )
             run_dir.mkdir(parents=True)
-            atomic_write(
-                run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-            )
+            write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             figures = train_teacher.train(cfg, data, run_dir, ctx)
             write_json(
                 run_dir / "metrics.json",

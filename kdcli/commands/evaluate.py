@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -9,10 +10,10 @@ import torch.nn.functional as F
 
 from kdcli import checkpoint
 from kdcli.app import Context
-from kdcli.checkpoint import write_json
 from kdcli.commands.common import checkpoint_data, data_identity, latest_run
-from kdcli.engine import agreement, predict
+from kdcli.engine import agreement, predict, scores
 from kdcli.errors import KdError
+from kdcli.files import write_json
 from kdcli.models import count_params
 from kdcli.report import console, pct, table
 
@@ -23,8 +24,6 @@ ROLE_ORDER = ("teacher", "scratch", "student")
 
 def _checkpoints_of_run(run_dir: Path) -> list[Path]:
     """The teacher (as used by the run) and the best checkpoints of a run directory."""
-    import json
-
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise KdError(f"run={run_dir}: no such directory.")
@@ -111,8 +110,7 @@ def run(cfg, ctx: Context) -> dict:
             "checkpoint": str(path),
             "role": ck.get("role"),
             "model": ck["arch"]["name"],
-            "acc": (out.argmax(1) == y).float().mean().item(),
-            "nll": F.cross_entropy(out, y).item(),
+            **scores(out, y),
             "params": params,
             "size_mb": path.stat().st_size / 2**20,
         }

@@ -12,10 +12,10 @@ import torch
 
 from kdcli import checkpoint
 from kdcli.app import Context
-from kdcli.checkpoint import write_json
 from kdcli.commands.common import checkpoint_data, latest_run
 from kdcli.engine import predict
 from kdcli.errors import KdError
+from kdcli.files import atomic_write, write_json
 from kdcli.report import console, pct, table
 
 log = logging.getLogger("kdcli")
@@ -37,7 +37,7 @@ def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript's deprecation notice; the format is still what many runtimes load
         traced = torch.jit.trace(model, example, check_trace=False)
-    checkpoint.atomic_write(path, lambda tmp: traced.save(tmp))
+    atomic_write(path, lambda tmp: traced.save(tmp))
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
@@ -58,7 +58,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset
             )
         program.save(tmp)
 
-    checkpoint.atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _torchscript_runner(path: Path):

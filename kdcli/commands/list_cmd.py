@@ -28,9 +28,7 @@ def main(args: list[str]) -> int:
         elif a in KINDS:
             kinds.append(a)
         else:
-            raise KdError(
-                f"kd list: unknown argument '{a}'. {USAGE}"
-            )
+            raise KdError(f"kd list: unknown argument '{a}'. {USAGE}")
     import_user_modules(imports)
     load_builtins()
     load_plugins()
