@@ -52,7 +52,7 @@ def load(path: str | Path) -> dict:
                 f"({found.group(0).strip() if found else 'rejected by weights-only loading'}), and loading it "
                 "could run code. kdcli only reads checkpoints it wrote; re-save the weights as a plain state dict."
             ) from None
-        detail = text.splitlines()[0] if text else "no detail"
+        detail = text.splitlines()[0].split(". ")[0] if text else "no detail"  # torch's first sentence
         raise KdError(
             f"Cannot read checkpoint {path}: the file is truncated, corrupt or not a PyTorch file "
             f"({type(e).__name__}: {detail}). Re-run the command that wrote it, or point to another checkpoint."
