@@ -123,13 +123,16 @@ def _check_overrides(command: str, parsed: list) -> list[str]:
                 raise KdError(f"'{o.input_line}': {name} needs {o.key_or_group}; set another value instead.")
             if o.key_or_group in groups:
                 options = loader.get_group_options(o.key_or_group)
-                for v in _values(o):
-                    if v == "null" and top == "debug":
-                        continue
-                    if v not in options:
-                        raise KdError(
-                            f"Unknown {top} '{v}'.{did_you_mean(v, options)} Options for {top}: {', '.join(options)}."
-                        )
+                for value in _values(o):
+                    # A group may take several options at once: features=[at,rkd].
+                    for v in value.strip("[]").split(",") if value.startswith("[") else [value]:
+                        if (v == "null" and top in ("debug", "features")) or v == "":
+                            continue
+                        if v not in options:
+                            raise KdError(
+                                f"Unknown {top} '{v}'.{did_you_mean(v, options)} "
+                                f"Options for {top}: {', '.join(options)}."
+                            )
                 selections.append(f"{o.key_or_group}={_values(o)[0]}")
         try:
             cfg = compose(config_name=command, overrides=selections)

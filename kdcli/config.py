@@ -13,7 +13,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from kdcli.data.splits import COMMON_DEFAULTS
 from kdcli.errors import KdError
-from kdcli.registry import DATASETS, LOSSES, MODELS, load_builtins
+from kdcli.registry import DATASETS, FEATURE_LOSSES, LOSSES, MODELS, load_builtins
 
 
 @dataclass
@@ -25,6 +25,7 @@ class TrainerConfig:
     grad_clip: Optional[float] = None  # max gradient norm; null = no clipping
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     progress: bool = True  # progress bar when writing to a terminal (never in sweeps)
+    label_smoothing: float = 0.0  # of the hard-label cross-entropy (teacher training and the alpha term)
 
 
 @dataclass
@@ -47,12 +48,38 @@ class TrainTeacherConfig(CommonConfig):
 
 
 @dataclass
+class ScheduleConfig:
+    T: str = "constant"  # constant, linear, cosine, step: from T (first epoch) to T_end (last epoch)
+    T_end: Optional[float] = None
+    alpha: str = "constant"  # the same for alpha, to alpha_end
+    alpha_end: Optional[float] = None
+    step_at: float = 0.5  # fraction of the epochs after which a step schedule takes its end value
+    warmup: int = 0  # epochs over which the distillation terms ramp up from 0 (DKD uses 20)
+
+
+@dataclass
+class TransferConfig:
+    init_from_teacher: bool = False  # copy the teacher's tensors wherever names and shapes match
+    freeze: List[str] = field(default_factory=list)  # student modules kept fixed
+    freeze_epochs: Optional[int] = None  # for this many epochs; null = the whole run
+
+
+@dataclass
 class DistillConfig(TrainTeacherConfig):
     student: Any = MISSING
     loss: Any = MISSING
+    method: Any = MISSING
+    features: Any = field(default_factory=dict)
     T: float = 4.0
     alpha: float = 0.1
     baseline: bool = True  # also train the student from scratch and report the KD gain
+    teachers: List[str] = field(default_factory=list)  # several teacher checkpoints (ensemble / class subsets)
+    teacher_weights: List[float] = field(default_factory=list)  # one per teacher; default equal
+    teacher_merge: str = "probs"  # probs: weighted mean of softened probabilities; logits: of logits
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    confidence_weights: bool = False  # weight samples by B * softmax(teacher confidence / temperature)
+    confidence_temperature: float = 1.0
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
 
 @dataclass
@@ -97,6 +124,16 @@ SMOKE = {
 }
 
 
+# Training methods of kd distill (kdcli/commands/methods.py), with their parameters.
+METHODS = {
+    "standard": {},  # teacher(s) -> student
+    "ta": {"assistants": ["lenet5"]},  # teacher -> assistant(s) -> student, each distilled from the previous
+    "born_again": {"generations": 3},  # student arch: trained on labels, then each generation from the previous
+    "dml": {"peers": 2},  # deep mutual learning: copies of the student, each distilled from the others
+    "joint": {},  # the teacher trained from scratch together with the student
+}
+
+
 def _node(registry, name: str) -> dict:
     params = {k: list(v) if isinstance(v, tuple) else v for k, v in registry.params(name).items()}
     return {"name": name, **params}
@@ -123,6 +160,12 @@ def register_configs() -> None:
         cs.store(group="student", name=name, node=_node(MODELS, name))
     for name in LOSSES.names():
         cs.store(group="loss", name=name, node=_node(LOSSES, name))
+    # Several feature terms combine (features=[at,rkd]): each option sits under its own name.
+    for name in FEATURE_LOSSES.names():
+        layers = {"student_layer": "penultimate", "teacher_layer": "penultimate"}
+        cs.store(group="features", name=name, node={name: {**layers, **_node(FEATURE_LOSSES, name)}})
+    for name, params in METHODS.items():
+        cs.store(group="method", name=name, node={"name": name, **params})
     for name in DATASETS.names():
         if not _has_yaml("dataset", name):
             cs.store(group="dataset", name=name, node={**COMMON_DEFAULTS, **_node(DATASETS, name)})
@@ -197,6 +240,11 @@ def validate(cfg: DictConfig, command: str) -> None:
         _at_least(cfg, "dataset.val_size", 0, strict=True)
         _at_least(cfg, "dataset.limit", 1, nullable=True)
         _at_least(cfg, "dataset.shift", 0)
+        _at_least(cfg, "trainer.label_smoothing", 0)
+        _check(
+            cfg.trainer.label_smoothing < 1,
+            f"trainer.label_smoothing must be in [0, 1) (got {cfg.trainer.label_smoothing}).",
+        )
         optimizers = ", ".join(OPTIMIZER_CLASSES)
         _check(
             cfg.optimizer.name in OPTIMIZER_CLASSES, f"optimizer.name={cfg.optimizer.name}: choose one of {optimizers}."
@@ -218,6 +266,7 @@ def validate(cfg: DictConfig, command: str) -> None:
             f"alpha must be in [0, 1] (got {cfg.alpha}); it weights the hard-label loss, 1 - alpha the KD term.",
         )
         _check(cfg.loss.name in LOSSES, f"loss.name={cfg.loss.name}: {_names(LOSSES)}")
+        _validate_distill(cfg)
     if command == "evaluate":
         _check(cfg.split in ("train", "val", "test"), f"split={cfg.split}: choose one of train, val, test.")
         _at_least(cfg, "eval_batch_size", 1)
@@ -228,6 +277,53 @@ def validate(cfg: DictConfig, command: str) -> None:
         _at_least(cfg, "check_batches", 1)
         _at_least(cfg, "batch_size", 1)
         _at_least(cfg, "atol", 0)
+
+
+def _validate_distill(cfg: DictConfig) -> None:
+    from kdcli.losses.objective import SCHEDULES
+
+    sch = cfg.schedule
+    for key in ("T", "alpha"):
+        _check(sch[key] in SCHEDULES, f"schedule.{key}={sch[key]}: choose one of {', '.join(SCHEDULES)}.")
+        _check(
+            sch[key] == "constant" or sch[f"{key}_end"] is not None,
+            f"schedule.{key}={sch[key]} moves {key} to schedule.{key}_end: set it (e.g. schedule.{key}_end="
+            f"{'1' if key == 'T' else '0.5'}).",
+        )
+    _at_least(cfg, "schedule.T_end", 0, nullable=True, strict=True)
+    _check(
+        sch.alpha_end is None or 0 <= sch.alpha_end <= 1, f"schedule.alpha_end must be in [0, 1] (got {sch.alpha_end})."
+    )
+    _check(0 <= sch.step_at <= 1, f"schedule.step_at is a fraction of the epochs, in [0, 1] (got {sch.step_at}).")
+    _at_least(cfg, "schedule.warmup", 0)
+    _at_least(cfg, "confidence_temperature", 0, strict=True)
+    _check(cfg.teacher_merge in ("probs", "logits"), f"teacher_merge={cfg.teacher_merge}: choose probs or logits.")
+    if cfg.teacher_weights:
+        _check(
+            len(cfg.teacher_weights) == max(1, len(cfg.teachers)),
+            f"teacher_weights has {len(cfg.teacher_weights)} values for {max(1, len(cfg.teachers))} teacher(s): "
+            "give one weight per entry of teachers=[...].",
+        )
+        _check(
+            all(w > 0 for w in cfg.teacher_weights), f"teacher_weights must be > 0 (got {list(cfg.teacher_weights)})."
+        )
+    _check(
+        not (cfg.teachers and cfg.teacher.ckpt),
+        "Give either teacher.ckpt=PATH (one teacher) or teachers=[PATH,...] (several), not both.",
+    )
+    _at_least(cfg, "transfer.freeze_epochs", 0, nullable=True)
+    for name in cfg.features or {}:
+        _check(name in FEATURE_LOSSES, f"features.{name}: {_names(FEATURE_LOSSES)}")
+    method = cfg.method
+    _check(method.name in METHODS, f"method.name={method.name}: choose one of {', '.join(METHODS)}.")
+    if method.name == "dml":
+        _at_least(cfg, "method.peers", 2)
+    if method.name == "born_again":
+        _at_least(cfg, "method.generations", 1)
+    if method.name == "ta":
+        _check(len(method.assistants) > 0, "method=ta needs at least one assistant: method.assistants=[lenet5].")
+        for name in method.assistants:
+            _check(name in MODELS, f"method.assistants: '{name}' is an {_names(MODELS)}")
 
 
 def _names(registry) -> str:

@@ -1,4 +1,4 @@
-"""Name -> builder registries for models, losses and datasets.
+"""Name -> builder registries for models, losses (logit and feature) and datasets.
 
 A builder is registered with a decorator and built by name; an unknown name raises an error
 that lists what exists. User code joins a registry by importing kdcli and decorating its own
@@ -74,7 +74,7 @@ class Registry:
         """Build `name` with keyword arguments checked against the builder's signature: unknown
         names, required ones left unset, and values of the wrong type are KdErrors."""
         fn = self.get(name)
-        params = inspect.signature(fn).parameters
+        params = inspect.signature(fn, eval_str=True).parameters
         unknown = set(kwargs) - set(self.params(name))
         if unknown:
             raise KdError(
@@ -101,6 +101,7 @@ class Registry:
 
 MODELS = Registry("model")
 LOSSES = Registry("loss")
+FEATURE_LOSSES = Registry("feature loss")
 DATASETS = Registry("dataset")
 
 

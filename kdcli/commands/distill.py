@@ -1,9 +1,9 @@
-"""kd distill: train the student to match the teacher's softened outputs, next to the same
-student trained from scratch with the same seed, initial weights and recipe."""
+"""kd distill: teachers, objectives and the results table. The training methods themselves
+(standard, teacher-assistant chains, born-again generations, mutual and joint learning) are in
+kdcli/commands/methods.py."""
 
 from __future__ import annotations
 
-import copy
 import logging
 from datetime import datetime
 from pathlib import Path
@@ -16,21 +16,19 @@ from kdcli import checkpoint
 from kdcli.app import Context
 from kdcli.commands import train_teacher
 from kdcli.commands.common import (
-    DATA_IDENTITY,
-    ckpt_meta,
-    data_identity,
     dataset_config,
     device_data,
     find_teacher_run,
-    new_model,
 )
 from kdcli.config import group_kwargs, model_spec
 from kdcli.data import DeviceData
-from kdcli.engine import agreement, fit, predict, scores
+from kdcli.engine import Teacher
 from kdcli.errors import KdError
 from kdcli.files import write_json, write_text
-from kdcli.losses import build_loss
-from kdcli.models import count_flops, count_params
+from kdcli.losses import Objective, Schedule, Shapes
+from kdcli.losses.objective import FeatureTerm
+from kdcli.losses.taps import Taps
+from kdcli.registry import FEATURE_LOSSES, LOSSES
 from kdcli.report import console, pct, table
 
 log = logging.getLogger("kdcli")
@@ -44,15 +42,17 @@ def _check_teacher_data(ckpt: dict, path: Path, data: DeviceData, dataset_cfg: d
             f"uses {data.info.name} (input {data.info.input_shape}). Pick a teacher for this dataset or "
             "leave teacher.ckpt unset to find or train one."
         )
-    if info["num_classes"] != data.info.num_classes or info["class_names"] != data.info.class_names:
+    unknown = [c for c in info["class_names"] if c not in data.info.class_names]
+    if unknown:
         raise KdError(
-            f"Teacher {path} predicts {info['num_classes']} classes ({', '.join(info['class_names'])}); this "
-            f"dataset has {data.info.num_classes} ({', '.join(data.info.class_names)}). "
-            "Their outputs cannot be matched."
+            f"Teacher {path} predicts classes that this run's data does not have: {', '.join(unknown)} (the "
+            f"student's classes: {', '.join(data.info.class_names)}). Their outputs cannot be matched."
         )
-    theirs = data_identity(info.get("dataset") or {})
-    if theirs != data_identity(dataset_cfg):
-        diff = ", ".join(f"dataset.{k}" for k in DATA_IDENTITY if theirs.get(k) != dataset_cfg.get(k))
+    # Teachers of class subsets share the student's validation split when these agree.
+    keys = ("name", "val_size", "split_seed")
+    theirs = info.get("dataset") or {}
+    diff = ", ".join(f"dataset.{k}" for k in keys if theirs.get(k) != dataset_cfg.get(k))
+    if diff:
         log.warning(
             f"warning  teacher {path} was trained with different data splits ({diff}): "
             "it may have seen this run's validation images."
@@ -116,82 +116,144 @@ def obtain_teacher(cfg, data: DeviceData, ctx: Context) -> tuple:
     return model, ckpt, str(path)
 
 
-def run(cfg, ctx: Context) -> dict:
-    data = device_data(cfg, ctx.device)
-    # The student first: a bad student config fails before a teacher is trained.
-    student, spec = new_model(cfg.student, data, ctx.device, int(cfg.seed))
-    init_state = copy.deepcopy(student.state_dict())  # scratch and KD students start identical
-    teacher, teacher_ckpt, teacher_path = obtain_teacher(cfg, data, ctx)
-    tcfg = cfg.trainer
-    shape = data.info.input_shape
-    t_logits = predict(teacher, data.test.x, tcfg.eval_batch_size)
-    t_test = scores(t_logits, data.test.y)
-    results = {
-        "teacher": {
-            "arch": teacher_ckpt["arch"],
-            "checkpoint": teacher_path,
-            "test_acc": t_test["acc"],
-            "test_nll": t_test["nll"],
-            "params": count_params(teacher),
-            "flops": count_flops(teacher, shape),
-        }
-    }
-    meta = ckpt_meta(spec, data, dataset_config(cfg))
-    show = ctx.show_progress and tcfg.progress
-    runs = [("scratch", build_loss("ce", cfg.T, cfg.alpha), None)] if cfg.baseline else []
-    runs.append(("student", build_loss(cfg.loss.name, cfg.T, cfg.alpha, group_kwargs(cfg.loss)), teacher))
-    for role, loss_fn, teacher_model in runs:
-        student.load_state_dict(init_state)
-        torch.manual_seed(int(cfg.seed))  # the same dropout masks too
-        res = fit(
-            student,
-            data,
-            loss_fn,
-            cfg,
-            role=role,
-            run_dir=ctx.run_dir,
-            ckpt_meta=meta,
-            teacher=teacher_model,
-            show_progress=show,
-        )
-        results[role] = {
-            "arch": spec,
-            "flops": count_flops(res.model, shape),
-            "teacher_agreement": agreement(predict(res.model, data.test.x, tcfg.eval_batch_size), t_logits),
-            **res.metrics,
-        }
+def obtain_teachers(cfg, data: DeviceData, ctx: Context) -> list[tuple]:
+    """(model, checkpoint, path) of each teacher: teachers=[...] or the single teacher."""
+    if not cfg.teachers:
+        return [obtain_teacher(cfg, data, ctx)]
+    out = []
+    for path in cfg.teachers:
+        ckpt = checkpoint.load(path)
+        _check_teacher_data(ckpt, Path(path), data, dataset_config(cfg))
+        model = checkpoint.build_from(ckpt, path).to(ctx.device).eval()
+        model.requires_grad_(False)
+        log.info(f"teacher  {checkpoint.describe(ckpt)} from {path}")
+        out.append((model, ckpt, str(path)))
+    return out
 
-    if cfg.baseline:
-        results["kd_gain"] = results["student"]["test_acc"] - results["scratch"]["test_acc"]
+
+def frozen_teachers(loaded: list[tuple], data: DeviceData) -> list[Teacher]:
+    """Wrap each teacher with the renormalisation of its inputs (from the student's statistics to
+    the ones it was trained with) and the map of its classes to the student's."""
+    device, names = data.device, data.info.class_names
+    out = []
+    for model, ckpt, _ in loaded:
+        info = ckpt["data"]
+        mean_s, std_s = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (data.info.mean, data.info.std))
+        mean_t, std_t = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (info["mean"], info["std"]))
+        class_map = torch.tensor([names.index(c) for c in info["class_names"]], device=device)
+        out.append(Teacher(model, std_s / std_t, (mean_s - mean_t) / std_t, class_map))
+    covered = set(torch.cat([t.class_map for t in out]).tolist())
+    missing = [names[i] for i in range(len(names)) if i not in covered]
+    if missing:
+        raise KdError(
+            f"The teachers cover {len(covered)} of the student's {len(names)} classes; no teacher knows "
+            f"{', '.join(missing)}. Add a teacher trained on them (kd train-teacher dataset.classes=[...])."
+        )
+    return out
+
+
+@torch.no_grad()
+def teacher_logits(teachers: list[Teacher], objective: Objective, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The (merged) teachers' logits over the student's classes at T=1, batch by batch."""
+    chunks = []
+    for i in range(0, len(x), batch_size):
+        chunks.append(objective.teacher_logits([t(x[i : i + batch_size]) for t in teachers], 1.0).float())
+    return torch.cat(chunks)
+
+
+def _layers(node, key: str) -> list[str]:
+    value = node[key]
+    return [str(v) for v in value] if OmegaConf.is_list(value) or isinstance(value, list) else [str(value)]
+
+
+@torch.no_grad()
+def _tap_shapes(model, names: list[str], role: str, data: DeviceData, forward=None) -> list[tuple]:
+    taps = Taps(model, names, role, data.info.input_shape)
+    was_training = model.training
+    model.eval()
+    try:
+        (forward or model)(data.train.x[:2])
+        return [tuple(v.shape[1:]) for v in taps.take()]
+    finally:
+        taps.remove()
+        model.train(was_training)
+
+
+def build_objective(cfg, data: DeviceData, student, teacher=None, teachers: list[Teacher] = ()) -> Objective:
+    """The student's objective from the loss, schedule, weighting and features config. Feature
+    shapes are found with one forward of two training images through student and teacher."""
+    sch = cfg.schedule
+    features = []
+    for name, node in (cfg.features or {}).items():
+        s_layers, t_layers = _layers(node, "student_layer"), _layers(node, "teacher_layer")
+        if len(s_layers) != len(t_layers):
+            raise KdError(
+                f"features.{name}: {len(s_layers)} student layer(s) {s_layers} but {len(t_layers)} teacher layer(s) "
+                f"{t_layers}; they are matched in pairs."
+            )
+        shapes = Shapes(
+            _tap_shapes(student, s_layers, "student", data),
+            _tap_shapes(teacher.model if isinstance(teacher, Teacher) else teacher, t_layers, "teacher", data),
+            len(data.train),
+        )
+        params = {k: v for k, v in group_kwargs(node).items() if k not in ("student_layer", "teacher_layer")}
+        module = FEATURE_LOSSES.build(name, shapes, **params)
+        features.append(FeatureTerm(name, module, s_layers, t_layers, int(params.get("hint_epochs", 0))))
+        log.info(
+            f"features {name}: student {', '.join(f'{n} {s}' for n, s in zip(s_layers, shapes.student))} -> "
+            f"teacher {', '.join(f'{n} {s}' for n, s in zip(t_layers, shapes.teacher))}, weight {params['weight']:g}"
+        )
+    several = len(teachers) > 1 or any(len(t.class_map) != data.info.num_classes for t in teachers)
+    weights = list(cfg.teacher_weights) or [1.0] * max(1, len(teachers))
+    return Objective(
+        LOSSES.build(cfg.loss.name, **group_kwargs(cfg.loss)),
+        T=Schedule(sch.T, float(cfg.T), sch.T_end, sch.step_at),
+        alpha=Schedule(sch.alpha, float(cfg.alpha), sch.alpha_end, sch.step_at),
+        warmup=int(sch.warmup),
+        label_smoothing=float(cfg.trainer.label_smoothing),
+        confidence=float(cfg.confidence_temperature) if cfg.confidence_weights else None,
+        features=features,
+        class_maps=[t.class_map for t in teachers] if several else None,
+        teacher_weights=weights,
+        merge=cfg.teacher_merge,
+        num_classes=data.info.num_classes,
+    ).to(data.device)
+
+
+def labels_only(cfg, device) -> Objective:
+    return Objective(label_smoothing=float(cfg.trainer.label_smoothing)).to(device)
+
+
+def run(cfg, ctx: Context) -> dict:
+    from kdcli.commands import methods
+
+    data = device_data(cfg, ctx.device)
+    results = methods.run(cfg, data, ctx)
     _print_results(results, cfg)
-    results.update(T=cfg.T, alpha=cfg.alpha, loss=cfg.loss.name, dataset=dataset_config(cfg))
+    results.update(T=cfg.T, alpha=cfg.alpha, loss=cfg.loss.name, method=cfg.method.name, dataset=dataset_config(cfg))
     return results
 
 
 def _print_results(results: dict, cfg) -> None:
     rows = []
-    for role, label in (
-        ("teacher", "teacher"),
-        ("scratch", "student, from scratch"),
-        ("student", f"student, distilled (T={cfg.T:g}, alpha={cfg.alpha:g})"),
-    ):
-        r = results.get(role)
-        if r is None:
+    for r in results.values():
+        if not isinstance(r, dict) or "label" not in r:
             continue
         rows.append(
             [
-                label,
-                r["arch"]["name"],
+                r["label"],
+                r.get("model", r.get("arch", {}).get("name", "")),
                 pct(r["test_acc"]),
                 pct(r.get("test_acc_last")),
-                f"{r['params']:,}",
-                f"{r['flops'] / 1e6:.2f}",
+                pct(r.get("teacher_agreement")),
+                f"{r['params']:,}" if "params" in r else "-",
+                f"{r['flops'] / 1e6:.2f}" if "flops" in r else "-",
             ]
         )
     console.print(
         table(
             "Test accuracy (checkpoint chosen on validation)",
-            ["", "model", "test acc %", "last epoch %", "params", "MFLOPs/img"],
+            ["", "model", "test acc %", "last epoch %", "agrees w. teacher %", "params", "MFLOPs/img"],
             rows,
         )
     )

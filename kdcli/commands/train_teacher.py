@@ -7,8 +7,8 @@ from pathlib import Path
 from kdcli.app import Context
 from kdcli.commands.common import ckpt_meta, dataset_config, device_data, new_model
 from kdcli.data import DeviceData
-from kdcli.engine import fit
-from kdcli.losses import build_loss
+from kdcli.engine import Trainee, fit
+from kdcli.losses import Objective
 from kdcli.models import count_flops
 from kdcli.report import console, pct, table
 
@@ -16,14 +16,12 @@ from kdcli.report import console, pct, table
 def train(cfg, data: DeviceData, run_dir: Path, ctx: Context) -> dict:
     """Train cfg.teacher on `data`; returns the teacher's figures (also used by distill)."""
     model, spec = new_model(cfg.teacher, data, ctx.device, int(cfg.seed))
+    objective = Objective(label_smoothing=float(cfg.trainer.label_smoothing))
     result = fit(
-        model,
+        Trainee("teacher", model, objective, ckpt_meta(spec, data, dataset_config(cfg))),
         data,
-        build_loss("ce", 1.0, 1.0),
         cfg,
-        role="teacher",
         run_dir=run_dir,
-        ckpt_meta=ckpt_meta(spec, data, dataset_config(cfg)),
         show_progress=ctx.show_progress and cfg.trainer.progress,
     )
     return {"arch": spec, "flops": count_flops(result.model, data.info.input_shape), **result.metrics}

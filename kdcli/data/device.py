@@ -58,9 +58,10 @@ class DeviceData:
     def split(self, name: str) -> DeviceSplit:
         return getattr(self, name)
 
-    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch of shuffled, augmented training batches; a last partial batch is dropped
-        so every step sees the same batch size (unless the split is smaller than one batch)."""
+    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+        """One epoch of shuffled, augmented training batches (x, y, indices into the train split);
+        a last partial batch is dropped so every step sees the same batch size (unless the split
+        is smaller than one batch)."""
         n = len(self.train)
         perm = torch.randperm(n, device=self.device, generator=generator)
         stop = n - n % batch_size if n >= batch_size else n
@@ -69,7 +70,7 @@ class DeviceData:
             x = self.train.x[idx]
             if self.shift or self.flip:
                 x = augment_batch(x, self.shift, self.flip, self.fill, generator)
-            yield x, self.train.y[idx]
+            yield x, self.train.y[idx], idx
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return max(1, len(self.train) // batch_size)

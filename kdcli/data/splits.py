@@ -59,8 +59,8 @@ class RawData:
     class_names: list[str]
 
 
-def _select_classes(raw: RawData, classes) -> RawData:
-    names = raw.class_names
+def _select_classes(names: list[str], classes):
+    """(a function keeping the chosen classes of a split, relabelled 0..k-1, their names)."""
     chosen = []
     for c in classes:
         if isinstance(c, str) and not c.lstrip("-").isdigit():
@@ -82,7 +82,7 @@ def _select_classes(raw: RawData, classes) -> RawData:
         mask = new >= 0
         return Split(split.x[mask], new[mask])
 
-    return RawData(keep(raw.train), keep(raw.test), [names[i] for i in chosen])
+    return keep, [names[i] for i in chosen]
 
 
 def _carve(n: int, size: float | int) -> int:
@@ -96,13 +96,19 @@ def load_splits(cfg: dict, data_root: str) -> Splits:
     """Build the splits that a dataset config describes (see configs/dataset/*.yaml)."""
     builder_kwargs = {k: v for k, v in cfg.items() if k not in COMMON_KEYS}
     raw: RawData = DATASETS.build(cfg["name"], data_root, **builder_kwargs)
-    if cfg.get("classes"):
-        raw = _select_classes(raw, cfg["classes"])
-
+    # The validation images are chosen before a class subset is taken, so teachers trained on
+    # different subsets and a student on all classes share one split: no teacher has trained
+    # on the student's validation images.
     g = torch.Generator().manual_seed(int(cfg.get("split_seed", 0)))
     perm = torch.randperm(len(raw.train), generator=g)
     n_val = _carve(len(perm), cfg["val_size"])
     train, val, test = raw.train.take(perm[n_val:]), raw.train.take(perm[:n_val]), raw.test
+    class_names = list(raw.class_names)
+    if cfg.get("classes"):
+        keep, class_names = _select_classes(class_names, cfg["classes"])
+        train, val, test = keep(train), keep(val), keep(test)
+        if not (len(train) and len(val)):
+            raise KdError(f"dataset.classes={list(cfg['classes'])} leaves no training or no validation images.")
     if cfg.get("limit"):  # a random (seeded) subset of each split: stored order may be sorted by class
         limit = int(cfg["limit"])
         train, val, test = (s.take(torch.randperm(len(s), generator=g)[:limit]) for s in (train, val, test))
@@ -111,8 +117,8 @@ def load_splits(cfg: dict, data_root: str) -> Splits:
     info = DataInfo(
         name=cfg["name"],
         input_shape=list(train.x.shape[1:]),
-        num_classes=len(raw.class_names),
-        class_names=list(raw.class_names),
+        num_classes=len(class_names),
+        class_names=class_names,
         mean=pixels.mean(dim=(0, 2, 3)).tolist(),
         std=pixels.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist(),
     )

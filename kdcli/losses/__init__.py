@@ -1,17 +1,10 @@
-"""Distillation losses.
+"""Distillation losses: logit terms (registry LOSSES, `loss=` group), feature and relational
+terms (registry FEATURE_LOSSES, `features=` group), and the objective that combines them with
+the hard labels (objective.py)."""
 
-A loss builder takes the top-level temperature and hard-label weight, `(T, alpha, *, ...)`,
-and returns a callable `loss(student_logits, teacher_logits, targets) -> (loss, parts)` where
-`parts` holds the detached terms for logging.
-"""
-
-from kdcli.losses import logit  # noqa: F401  (registers the built-in losses)
+from kdcli.losses import feature, logit  # noqa: F401  (registers the built-in losses)
+from kdcli.losses.feature import FEATURE_LOSSES, Shapes
 from kdcli.losses.logit import kd_loss
-from kdcli.registry import LOSSES
+from kdcli.losses.objective import Objective, Schedule
 
-
-def build_loss(name: str, T: float, alpha: float, kwargs: dict | None = None):
-    return LOSSES.build(name, float(T), float(alpha), **(kwargs or {}))
-
-
-__all__ = ["build_loss", "kd_loss"]
+__all__ = ["FEATURE_LOSSES", "Objective", "Schedule", "Shapes", "kd_loss"]

@@ -1,0 +1,336 @@
+"""How kd distill trains (method=...): every method returns the results dict of the run, one
+entry per model trained or used, with a table label, and `kd_gain` of the final student over
+the scratch student when the baseline runs.
+
+- standard: the teacher(s), frozen, teach the student (the default).
+- ta: teacher -> assistant(s) -> student, each distilled from the previous (Mirzadeh et al. 2020).
+- born_again: the student's architecture trained on labels, then N generations each distilled
+  from the previous, and the ensemble of the generations (Furlanello et al. 2018).
+- dml: deep mutual learning, peers trained together, each distilling from the others
+  (Zhang et al. 2018).
+- joint: teacher and student trained together from scratch, the student distilling from the
+  teacher as it learns.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from kdcli.app import Context
+from kdcli.commands.common import ckpt_meta, dataset_config, new_model
+from kdcli.commands.distill import (
+    build_objective,
+    frozen_teachers,
+    labels_only,
+    obtain_teachers,
+    teacher_logits,
+)
+from kdcli.data import DeviceData
+from kdcli.engine import Teacher, Trainee, agreement, fit, predict, scores
+from kdcli.errors import KdError
+from kdcli.losses.taps import Taps
+from kdcli.models import count_flops, count_params
+from kdcli.transfer import check_module_names, copy_matching, summarise
+
+log = logging.getLogger("kdcli")
+
+
+class Run:
+    """What the methods share: data, seed, the student's initial weights, the results."""
+
+    def __init__(self, cfg, data: DeviceData, ctx: Context):
+        self.cfg, self.data, self.ctx = cfg, data, ctx
+        self.results: dict = {}
+        self.models: dict = {}  # role -> trained model
+        self.reference = None  # test logits that agreement is measured against
+        self.show = ctx.show_progress and cfg.trainer.progress
+        self.student, self.spec = new_model(cfg.student, data, ctx.device, int(cfg.seed))
+        self.init_state = copy.deepcopy(self.student.state_dict())
+
+    def fresh_student(self, seed_offset: int = 0):
+        """The student's architecture: the shared initial weights, or new ones from seed + offset."""
+        if seed_offset == 0:
+            model, spec = new_model(self.cfg.student, self.data, self.ctx.device, int(self.cfg.seed))
+            model.load_state_dict(self.init_state)
+            return model, spec
+        return new_model(self.cfg.student, self.data, self.ctx.device, int(self.cfg.seed) + seed_offset)
+
+    def meta(self, spec: dict) -> dict:
+        return ckpt_meta(spec, self.data, dataset_config(self.cfg))
+
+    def trainee(self, role: str, model, objective, spec: dict, **kw) -> Trainee:
+        taps = (
+            Taps(model, objective.student_layers, "student", self.data.info.input_shape) if objective.features else None
+        )
+        return Trainee(role, model, objective, self.meta(spec), taps=taps, **kw)
+
+    def fit(self, trainees, teachers=(), **kw):
+        torch.manual_seed(int(self.cfg.seed))  # the same dropout masks in every run
+        return fit(
+            trainees, self.data, self.cfg, run_dir=self.ctx.run_dir, teachers=teachers, show_progress=self.show, **kw
+        )
+
+    def record(self, role: str, label: str, res, spec: dict) -> None:
+        logits = predict(res.model, self.data.test.x, self.cfg.trainer.eval_batch_size)
+        entry = {"label": label, "arch": spec, "flops": count_flops(res.model, self.data.info.input_shape)}
+        if self.reference is not None:
+            entry["teacher_agreement"] = agreement(logits, self.reference)
+        self.results[role] = {**entry, **res.metrics}
+        self.models[role] = res.model
+
+    def record_teacher(self, label: str, model_name: str, logits: torch.Tensor, extra: dict) -> None:
+        s = scores(logits, self.data.test.y)
+        self.reference = logits
+        self.results["teacher"] = {
+            "label": label,
+            "model": model_name,
+            "test_acc": s["acc"],
+            "test_nll": s["nll"],
+            **extra,
+        }
+
+    def record_ensemble(self, label: str, models: list) -> None:
+        """Test accuracy of the mean of the models' softmax outputs."""
+        bs = self.cfg.trainer.eval_batch_size
+        probs = torch.stack([F.softmax(predict(m, self.data.test.x, bs), 1) for m in models]).mean(0)
+        s = scores(probs.log(), self.data.test.y)
+        self.results["ensemble"] = {
+            "label": label,
+            "model": f"{len(models)} x {self.spec['name']}",
+            "test_acc": s["acc"],
+        }
+
+    def scratch(self) -> None:
+        """The student trained on labels only from the shared initial weights: the baseline."""
+        if not self.cfg.baseline:
+            return
+        model, spec = self.fresh_student()
+        res = self.fit(self.trainee("scratch", model, labels_only(self.cfg, self.data.device), spec))
+        self.record("scratch", "student, from scratch", res, spec)
+
+    def distill(self, role: str, label: str, model, spec: dict, teachers: list[Teacher], objective, **kw):
+        """Train `model` from frozen teachers, with a FitNets hint stage first if asked."""
+        trainee = self.trainee(role, model, objective, spec, **kw)
+        if objective.features:
+            teachers[0].taps = Taps(teachers[0].model, objective.teacher_layers, "teacher", self.data.info.input_shape)
+        if objective.hint_epochs:
+            log.info(f"{role:<8} FitNets stage 1: {objective.hint_epochs} epoch(s) of hint training only")
+            self.fit(
+                Trainee(f"{role}_hint", model, objective, trainee.ckpt_meta, taps=trainee.taps),
+                teachers,
+                epochs=objective.hint_epochs,
+                hint=True,
+            )
+        res = self.fit(trainee, teachers)
+        for t in teachers:
+            if t.taps:
+                t.taps.remove()
+                t.taps = None
+        self.record(role, label, res, spec)
+        return res
+
+    def finish(self, final: str = "student") -> dict:
+        if "scratch" in self.results and final in self.results:
+            self.results["kd_gain"] = self.results[final]["test_acc"] - self.results["scratch"]["test_acc"]
+        return self.results
+
+
+def _label(cfg) -> str:
+    parts = [f"T={cfg.T:g}", f"alpha={cfg.alpha:g}"]
+    if cfg.loss.name != "kd":
+        parts.insert(0, cfg.loss.name)
+    if cfg.features:
+        parts.append("+" + "+".join(cfg.features))
+    return ", ".join(parts)
+
+
+def _refuse(cfg, method: str, *, features=False, teacher=False, transfer=False) -> None:
+    if features and cfg.features:
+        raise KdError(
+            f"method={method} does not take feature terms (features={list(cfg.features)}): they name layers of one "
+            "frozen teacher. Use them with method=standard, born_again or joint."
+        )
+    if teacher and (cfg.teachers or cfg.teacher.ckpt):
+        raise KdError(f"method={method} trains without a pretrained teacher: drop teacher.ckpt / teachers.")
+    if transfer and (cfg.transfer.init_from_teacher or cfg.transfer.freeze):
+        raise KdError(f"transfer.* applies to method=standard (one pretrained teacher); not to method={method}.")
+
+
+def standard(run: Run) -> dict:
+    cfg, data = run.cfg, run.data
+    if cfg.features and cfg.teachers and len(cfg.teachers) > 1:
+        raise KdError("Feature terms take one teacher; with teachers=[...] use logit losses only.")
+    loaded = obtain_teachers(cfg, data, run.ctx)
+    teachers = frozen_teachers(loaded, data)
+    objective = build_objective(cfg, data, run.student, teachers[0], teachers)
+    t_logits = teacher_logits(teachers, objective, data.test.x, cfg.trainer.eval_batch_size)
+    extra = {}
+    if len(loaded) == 1:
+        model, ckpt, path = loaded[0]
+        extra = {"arch": ckpt["arch"], "checkpoint": path, "params": count_params(model)}
+        extra["flops"] = count_flops(model, data.info.input_shape)
+        label, name = "teacher", ckpt["arch"]["name"]
+    else:
+        extra = {
+            "teachers": [
+                {"checkpoint": p, "arch": c["arch"], "classes": c["data"]["class_names"]} for _, c, p in loaded
+            ]
+        }
+        extra["params"] = sum(count_params(m) for m, _, _ in loaded)
+        label, name = (
+            f"{len(loaded)} teachers, merged ({cfg.teacher_merge})",
+            "+".join(c["arch"]["name"] for _, c, _ in loaded),
+        )
+    run.record_teacher(label, name, t_logits, extra)
+    run.scratch()
+
+    student = run.student
+    student.load_state_dict(run.init_state)
+    tr = cfg.transfer
+    if tr.init_from_teacher:
+        if len(loaded) > 1:
+            raise KdError("transfer.init_from_teacher needs one teacher, not teachers=[...].")
+        copied, kept = copy_matching(student, loaded[0][0])
+        if not copied:
+            raise KdError(
+                f"transfer.init_from_teacher: no tensor of the teacher ({loaded[0][1]['arch']['name']}) matches the "
+                f"student ({run.spec['name']}) in name and shape; nothing to copy."
+            )
+        log.info(f"transfer copied {len(copied)} tensors from the teacher: {summarise(copied)}")
+        if kept:
+            log.info(f"transfer kept the student's own {len(kept)}: {summarise(kept)}")
+        run.results["transfer"] = {"copied": copied, "kept": kept}
+    if tr.freeze:
+        check_module_names(student, list(tr.freeze), "transfer.freeze")
+        span = f"for {tr.freeze_epochs} epoch(s)" if tr.freeze_epochs is not None else "for the whole run"
+        log.info(f"transfer freezing {', '.join(tr.freeze)} {span}")
+    run.distill(
+        "student",
+        f"student, distilled ({_label(cfg)})",
+        student,
+        run.spec,
+        teachers,
+        objective,
+        freeze=list(tr.freeze),
+        freeze_epochs=tr.freeze_epochs,
+    )
+    return run.finish()
+
+
+def ta(run: Run) -> dict:
+    """Teacher -> assistants -> student; each link uses the logit loss of the config."""
+    cfg, data = run.cfg, run.data
+    _refuse(cfg, "ta", features=True, transfer=True)
+    loaded = obtain_teachers(cfg, data, run.ctx)
+    teachers = frozen_teachers(loaded, data)
+    objective = build_objective(cfg, data, run.student, None, teachers)
+    t_logits = teacher_logits(teachers, objective, data.test.x, cfg.trainer.eval_batch_size)
+    run.record_teacher(
+        "teacher",
+        "+".join(c["arch"]["name"] for _, c, _ in loaded),
+        t_logits,
+        {"params": sum(count_params(m) for m, _, _ in loaded)},
+    )
+    run.scratch()
+    for i, name in enumerate(cfg.method.assistants, 1):
+        model, spec = new_model(OmegaConf.create({"name": name}), data, run.ctx.device, int(cfg.seed) + i)
+        objective = build_objective(cfg, data, model, None, teachers)
+        res = run.distill(f"assistant{i}", f"assistant {i}, distilled", model, spec, teachers, objective)
+        identity = torch.arange(data.info.num_classes, device=data.device)
+        one = torch.ones(1, device=data.device)
+        teachers = [Teacher(res.model.eval().requires_grad_(False), one, 0 * one, identity)]
+    student = run.student
+    student.load_state_dict(run.init_state)
+    objective = build_objective(cfg, data, student, None, teachers)
+    run.distill("student", f"student, from the last assistant ({_label(cfg)})", student, run.spec, teachers, objective)
+    return run.finish()
+
+
+def born_again(run: Run) -> dict:
+    """Generation 0 is the student architecture trained on labels (the scratch run); generation
+    k is a fresh copy distilled from generation k - 1."""
+    cfg, data = run.cfg, run.data
+    _refuse(cfg, "born_again", teacher=True, transfer=True)
+    model, spec = run.fresh_student()
+    res = run.fit(run.trainee("scratch", model, labels_only(cfg, data.device), spec))
+    run.record("scratch", "generation 0 (labels only) = scratch", res, spec)
+    run.reference = predict(res.model, data.test.x, cfg.trainer.eval_batch_size)
+    identity = torch.arange(data.info.num_classes, device=data.device)
+    one = torch.ones(1, device=data.device)
+    previous, generations = res.model, []
+    n = int(cfg.method.generations)
+    for k in range(1, n + 1):
+        teachers = [Teacher(previous.eval().requires_grad_(False), one, 0 * one, identity)]
+        model, spec = run.fresh_student(seed_offset=k)
+        objective = build_objective(cfg, data, model, teachers[0], teachers)
+        role = "student" if k == n else f"gen{k}"
+        res = run.distill(
+            role, f"generation {k}, from generation {k - 1} ({_label(cfg)})", model, spec, teachers, objective
+        )
+        previous = res.model
+        generations.append(res.model)
+    run.record_ensemble(f"ensemble of generations 1-{n}", generations)
+    return run.finish()
+
+
+def dml(run: Run) -> dict:
+    """Peers (copies of the student architecture, each its own initial weights) trained
+    together; each one's objective averages its distillation term over the other peers."""
+    cfg, data = run.cfg, run.data
+    _refuse(cfg, "dml", features=True, teacher=True, transfer=True)
+    run.scratch()
+    n = int(cfg.method.peers)
+    roles = ["student"] + [f"peer{k}" for k in range(2, n + 1)]
+    trainees = []
+    for k, role in enumerate(roles):
+        model, spec = run.fresh_student(seed_offset=k)
+        objective = build_objective(cfg, data, model)
+        trainees.append(run.trainee(role, model, objective, spec, sources=[r for r in roles if r != role]))
+    res = run.fit(trainees)
+    for k, role in enumerate(roles):
+        run.record(
+            role, f"peer {k + 1} of {n}, mutual learning ({_label(cfg)})", res[role], trainees[k].ckpt_meta["arch"]
+        )
+    run.record_ensemble(f"ensemble of the {n} peers", [res[r].model for r in roles])
+    return run.finish()
+
+
+def joint(run: Run) -> dict:
+    """The teacher, from fresh weights, trains on labels while the student distills from its
+    current (detached) outputs and features at every step."""
+    cfg, data = run.cfg, run.data
+    _refuse(cfg, "joint", teacher=True, transfer=True)
+    teacher, t_spec = new_model(cfg.teacher, data, run.ctx.device, int(cfg.seed) + 1)
+    run.scratch()
+    student = run.student
+    student.load_state_dict(run.init_state)
+    objective = build_objective(cfg, data, student, teacher)
+    source_taps = (
+        Taps(teacher, objective.teacher_layers, "teacher", data.info.input_shape) if objective.features else None
+    )
+    t_trainee = Trainee("teacher", teacher, labels_only(cfg, data.device), run.meta(t_spec), source_taps=source_taps)
+    s_trainee = run.trainee("student", student, objective, run.spec, sources=["teacher"])
+    res = run.fit([t_trainee, s_trainee])
+    run.record_teacher(
+        "teacher, trained jointly",
+        t_spec["name"],
+        predict(res["teacher"].model, data.test.x, cfg.trainer.eval_batch_size),
+        {**res["teacher"].metrics, "arch": t_spec, "flops": count_flops(res["teacher"].model, data.info.input_shape)},
+    )
+    run.record("student", f"student, distilled jointly ({_label(cfg)})", res["student"], run.spec)
+    if "scratch" in run.results:  # trained before the teacher existed: measure agreement now
+        logits = predict(run.models["scratch"], data.test.x, cfg.trainer.eval_batch_size)
+        run.results["scratch"]["teacher_agreement"] = agreement(logits, run.reference)
+    return run.finish()
+
+
+METHODS = {"standard": standard, "ta": ta, "born_again": born_again, "dml": dml, "joint": joint}
+
+
+def run(cfg, data: DeviceData, ctx: Context) -> dict:
+    return METHODS[cfg.method.name](Run(cfg, data, ctx))

@@ -1,0 +1,91 @@
+"""Forward hooks that keep the outputs of named modules, so feature losses need no change to
+the models. A layer is named as in `model.named_modules()` (`conv2`, `layer3.1`, `0`...);
+`penultimate` (the default) is the input of the model's last nn.Linear, the embedding that
+relational losses (rkd, pkt, crd) use."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from kdcli.errors import KdError
+from kdcli.registry import did_you_mean
+
+PENULTIMATE = "penultimate"
+
+
+def _last_linear(model: nn.Module) -> nn.Module | None:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+@torch.no_grad()
+def layer_shapes(model: nn.Module, input_shape) -> dict[str, tuple]:
+    """Output shape (without batch) of every named submodule for one input."""
+    shapes, handles = {}, []
+    for name, module in model.named_modules():
+        if name:
+            handles.append(
+                module.register_forward_hook(
+                    lambda m, a, out, name=name: (
+                        shapes.setdefault(name, tuple(out.shape[1:])) if isinstance(out, torch.Tensor) else None
+                    )
+                )
+            )
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(2, *input_shape, device=param.device, dtype=param.dtype))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def describe_layers(model: nn.Module, input_shape) -> str:
+    return ", ".join(f"{n} {s}" for n, s in layer_shapes(model, input_shape).items())
+
+
+class Taps:
+    """Keeps the outputs of the named layers of `model` at each forward, in `values` (same
+    order as `names`). Outputs are cloned so that an in-place op after the layer (ReLU with
+    inplace=True) does not change what the loss sees."""
+
+    def __init__(self, model: nn.Module, names: list[str], role: str, input_shape):
+        self.names = list(names)
+        self.values: list[torch.Tensor | None] = [None] * len(self.names)
+        self.handles = []
+        modules = dict(model.named_modules())
+        for i, name in enumerate(self.names):
+            if name == PENULTIMATE:
+                linear = _last_linear(model)
+                if linear is None:
+                    raise KdError(
+                        f"{role}_layer=penultimate: {type(model).__name__} has no nn.Linear layer whose input to take. "
+                        f"Name a layer: {describe_layers(model, input_shape)}."
+                    )
+                self.handles.append(linear.register_forward_pre_hook(lambda m, args, i=i: self._keep(i, args[0])))
+            elif name in modules and name:
+                self.handles.append(modules[name].register_forward_hook(lambda m, a, out, i=i: self._keep(i, out)))
+            else:
+                raise KdError(
+                    f"{role}_layer={name}: the {role} has no layer of that name.{did_you_mean(name, modules)} "
+                    f"Its layers (output shape per sample): {describe_layers(model, input_shape)}; "
+                    f"or {PENULTIMATE} (the input of the last linear layer)."
+                )
+
+    def _keep(self, i: int, value) -> None:
+        if isinstance(value, (tuple, list)):
+            value = value[0]
+        self.values[i] = value.clone()
+
+    def take(self) -> list[torch.Tensor]:
+        values, self.values = self.values, [None] * len(self.names)
+        return values
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
