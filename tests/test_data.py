@@ -36,7 +36,16 @@ def test_class_subset_is_renumbered():
     s = load_splits({**MNIST5K, "classes": [3, 7], "val_size": 0.1}, "unused")
     assert s.info.class_names == ["3", "7"] and s.info.num_classes == 2
     assert set(s.train.y.tolist()) == {0, 1}
-    assert len(s.test) == 200 and len(s.val) == 80
+    # The validation split is carved before the subset is taken: a subset's validation images
+    # are exactly the full split's validation images of those classes (teachers trained on
+    # class subsets never see a full-data student's validation images).
+    full = load_splits({**MNIST5K, "val_size": 0.1}, "unused")
+    for split in ("train", "val", "test"):
+        whole, part = getattr(full, split), getattr(s, split)
+        chosen = (whole.y == 3) | (whole.y == 7)
+        assert torch.equal(part.x, whole.x[chosen])
+        assert torch.equal(part.y, (whole.y[chosen] == 7).long())
+    assert len(s.test) == 200
     with pytest.raises(KdError, match="index 12 is out of range"):
         load_splits({**MNIST5K, "classes": [1, 12]}, "unused")
 
@@ -51,7 +60,7 @@ def test_device_batches_cover_the_epoch_once():
     s = load_splits({**MNIST5K, "limit": 300}, "unused")
     data = DeviceData(s, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
-    xs = torch.cat([x for x, _ in data.train_batches(64, g)])
+    xs = torch.cat([x for x, _, _ in data.train_batches(64, g)])
     assert xs.shape == (256, 1, 28, 28)  # 4 full batches of 64; the partial batch of 44 is dropped
     # Each batch row is a distinct training image: no image is drawn twice in an epoch.
     rows = {bytes(r.numpy()) for r in xs.flatten(1)}

@@ -169,11 +169,10 @@ def test_a_user_loss_from_a_python_file(kd):
         "import torch.nn.functional as F\n"
         "from kdcli.registry import LOSSES\n\n"
         "@LOSSES.register('logit_mse_user')\n"
-        "def logit_mse_user(T, alpha, *, weight: float = 1.0):\n"
-        "    def loss(s, t, y):\n"
-        "        value = alpha * F.cross_entropy(s, y) + weight * F.mse_loss(s, t)\n"
-        "        return value, {}\n"
-        "    return loss\n"
+        "def logit_mse_user(*, weight: float = 1.0):\n"
+        "    def term(s, t, y, T):\n"
+        "        return weight * F.mse_loss(s, t, reduction='none').mean(1)\n"
+        "    return term\n"
     )
     r = kd("distill", f"imports=[{f}]", "loss=logit_mse_user", "loss.weight=0.5", "debug=smoke", "baseline=false")
     assert r.returncode == 0, r.stdout + r.stderr

@@ -7,8 +7,8 @@ from omegaconf import OmegaConf
 
 from kdcli import checkpoint
 from kdcli.data import DeviceData, load_splits
-from kdcli.engine import evaluate, fit
-from kdcli.losses import build_loss
+from kdcli.engine import Trainee, evaluate, fit
+from kdcli.losses import Objective
 
 DATA = {"name": "mnist5k", "val_size": 200, "split_seed": 0, "classes": None, "limit": 400}
 
@@ -38,7 +38,7 @@ def test_fit_keeps_the_best_on_validation_and_the_last_checkpoint(tmp_path):
     data = DeviceData(load_splits(DATA, "unused"), torch.device("cpu"))
     torch.manual_seed(0)
     meta = {"arch": {"name": "mlp", "kwargs": {"hidden": []}}, "data": {**data.info.to_dict(), "dataset": DATA}}
-    result = fit(linear(), data, build_loss("ce", 1.0, 1.0), recipe(), role="scratch", run_dir=tmp_path, ckpt_meta=meta)
+    result = fit(Trainee("scratch", linear(), Objective(), meta), data, recipe(), run_dir=tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     best = max(rows, key=lambda r: r["val_acc"])
@@ -59,13 +59,5 @@ def test_a_collapsed_model_is_reported(tmp_path, caplog):
     nn.init.constant_(model[1].bias, -1e3)
     meta = {"arch": {"name": "mlp", "kwargs": {"hidden": []}}, "data": {**data.info.to_dict(), "dataset": DATA}}
     with caplog.at_level(logging.WARNING, logger="kdcli"):
-        fit(
-            model,
-            data,
-            build_loss("ce", 1.0, 1.0),
-            recipe(epochs=2),
-            role="student",
-            run_dir=tmp_path,
-            ckpt_meta=meta,
-        )
+        fit(Trainee("student", model, Objective(), meta), data, recipe(epochs=2), run_dir=tmp_path)
     assert "validation accuracy" in caplog.text and "is at chance after 2 epoch(s)" in caplog.text

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcli.losses import build_loss, kd_loss
+from kdcli.losses import kd_loss
 
 
 def softmax(z, T=1.0):
@@ -76,10 +76,15 @@ def test_alpha_one_is_cross_entropy_and_identical_logits_cost_nothing():
     assert loss.item() == pytest.approx(0.0, abs=1e-7)
 
 
-def test_registry_losses():
+def test_registry_losses_are_terms_of_the_objective():
+    from kdcli.losses import Objective
+    from kdcli.registry import LOSSES
+
     y = torch.tensor([0, 2])
     s = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
-    ce, _ = build_loss("ce", 4.0, 0.1)(s, None, y)
+    # Without a teacher the objective is the plain cross-entropy, whatever alpha.
+    ce, _ = Objective(LOSSES.build("kd"), T=4.0, alpha=0.1)(s, None, y)
     assert ce.item() == pytest.approx(F.cross_entropy(s, y).item())
-    kd, _ = build_loss("kd", 2.0, 0.25)(s, s.flip(1), y)
+    kd, parts = Objective(LOSSES.build("kd"), T=2.0, alpha=0.25)(s, [s.flip(1)], y)
     assert kd.item() == pytest.approx(kd_loss(s, s.flip(1), y, 2.0, 0.25)[0].item())
+    assert set(parts) == {"ce", "kd"}
