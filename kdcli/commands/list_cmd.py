@@ -1,15 +1,36 @@
-"""kd list [models|losses|datasets] [imports=...]: what the registries hold."""
+"""kd list [models|losses|features|methods|datasets] [imports=...]: what the registries hold."""
 
 from __future__ import annotations
 
 from kdcli.errors import KdError
 from kdcli.models import build_model, count_params
-from kdcli.registry import DATASETS, LOSSES, MODELS, import_user_modules, load_builtins, load_plugins
+from kdcli.registry import (
+    DATASETS,
+    FEATURE_LOSSES,
+    LOSSES,
+    MODELS,
+    import_user_modules,
+    load_builtins,
+    load_plugins,
+)
 from kdcli.report import console, table
 
-KINDS = {"models": MODELS, "losses": LOSSES, "datasets": DATASETS}
-USAGE = "usage: kd list [models|losses|datasets] [imports=[module_or_file.py,...]]"
-CHOOSE = {"models": "teacher=NAME / student=NAME", "losses": "loss=NAME", "datasets": "dataset=NAME"}
+KINDS = {"models": MODELS, "losses": LOSSES, "features": FEATURE_LOSSES, "methods": None, "datasets": DATASETS}
+USAGE = "usage: kd list [models|losses|features|methods|datasets] [imports=[module_or_file.py,...]]"
+CHOOSE = {
+    "models": "teacher=NAME / student=NAME",
+    "losses": "loss=NAME, on the logits",
+    "features": "features=[NAME,...], each with student_layer, teacher_layer (default penultimate)",
+    "methods": "method=NAME",
+    "datasets": "dataset=NAME",
+}
+METHOD_TEXT = {
+    "standard": "the frozen teacher(s) teach the student (teachers=[...]: ensemble or class subsets merged)",
+    "ta": "teacher -> assistant(s) -> student, each distilled from the previous (Mirzadeh et al. 2020)",
+    "born_again": "generations of the student architecture, each from the previous (Furlanello et al. 2018)",
+    "dml": "deep mutual learning: peers trained together, each from the others (Zhang et al. 2018)",
+    "joint": "teacher and student trained together from scratch, the student following the teacher",
+}
 
 
 def _params(registry, name: str) -> str:
@@ -35,6 +56,12 @@ def main(args: list[str]) -> int:
 
     for kind in kinds or list(KINDS):
         registry = KINDS[kind]
+        if registry is None:
+            from kdcli.config import METHODS
+
+            rows = [[n, ", ".join(f"{k}={v}" for k, v in p.items()) or "-", METHOD_TEXT[n]] for n, p in METHODS.items()]
+            console.print(table(f"{kind} ({CHOOSE[kind]})", ["name", "parameters", "description"], rows))
+            continue
         rows = []
         for name in registry.names():
             row = [name, _params(registry, name), registry.summary(name)]

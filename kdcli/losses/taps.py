@@ -23,15 +23,17 @@ def _last_linear(model: nn.Module) -> nn.Module | None:
 def layer_shapes(model: nn.Module, input_shape) -> dict[str, tuple]:
     """Output shape (without batch) of every named submodule for one input."""
     shapes, handles = {}, []
+
+    def keep(name):
+        def hook(module, args, out):  # returns None: a forward hook's return value replaces the output
+            if isinstance(out, torch.Tensor):
+                shapes.setdefault(name, tuple(out.shape[1:]))
+
+        return hook
+
     for name, module in model.named_modules():
         if name:
-            handles.append(
-                module.register_forward_hook(
-                    lambda m, a, out, name=name: (
-                        shapes.setdefault(name, tuple(out.shape[1:])) if isinstance(out, torch.Tensor) else None
-                    )
-                )
-            )
+            handles.append(module.register_forward_hook(keep(name)))
     param = next(model.parameters())
     was_training = model.training
     model.eval()

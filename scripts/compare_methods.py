@@ -1,0 +1,147 @@
+"""Every distillation method of kdcli on one teacher/student pair, over several seeds.
+
+Trains the teacher(s) once with `kd train-teacher`, then runs `kd distill -m seed=...` per
+method (the real command, as a user would) and prints a table of the student's test accuracy,
+mean and sample standard deviation over seeds, next to the student trained from scratch with
+the same recipe. Writes compare.csv and compare.md into --out.
+
+    python scripts/compare_methods.py                       # mnist5k, 3 seeds
+    python scripts/compare_methods.py --dataset fashion_mnist --epochs 10 --seeds 2
+    python scripts/compare_methods.py --only kd,dkd,at      # a subset of the methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kdcli.report import console, table
+
+TEACHER = ["teacher=convnet", "teacher.channels=[32,64]", "teacher.hidden=256"]
+STUDENT = ["student=convnet", "student.channels=[4,8]", "student.hidden=32", "student.dropout=0"]
+# The student's recipe for every method; SGD at lr 0.05 diverges for this small CNN under KD.
+RECIPE = ["optimizer=adam", "optimizer.lr=0.002"]
+CONV = ["features.{0}.teacher_layer=conv2", "features.{0}.student_layer=conv2"]
+
+# name -> (the method's overrides, what it needs: "teacher", "ensemble", "domains" or nothing)
+METHODS = {
+    "kd": (["loss=kd"], "teacher"),
+    "soft_ce": (["loss=soft_ce"], "teacher"),
+    "mse": (["loss=mse", "alpha=0.5"], "teacher"),
+    "dkd": (["loss=dkd", "schedule.warmup=2"], "teacher"),
+    "dist": (["loss=dist", "T=1", "alpha=0.5"], "teacher"),
+    "ls": (["loss=ls", "T=2"], "teacher"),
+    "kd, T 8->1 linear": (["schedule.T=linear", "T=8", "schedule.T_end=1"], "teacher"),
+    "kd, confidence weights": (["confidence_weights=true"], "teacher"),
+    "kd + fitnet (hint stage 2 ep)": (["features=[fitnet]", *CONV, "features.fitnet.hint_epochs=2"], "teacher"),
+    "kd + at": (["features=[at]", *CONV], "teacher"),
+    "kd + nst": (["features=[nst]", *CONV], "teacher"),
+    "kd + rkd": (["features=[rkd]"], "teacher"),
+    "kd + pkt": (["features=[pkt]"], "teacher"),
+    "kd + sp": (["features=[sp]"], "teacher"),
+    "kd + crd": (["features=[crd]"], "teacher"),
+    "kd, 2-teacher ensemble": ([], "ensemble"),
+    "kd, teachers of 0-4 and 5-9 merged": ([], "domains"),
+    "ta (assistant convnet 10-20-50)": (["method=ta", "method.assistants=[convnet]"], "teacher"),
+    "dml (2 peers, T=1, alpha=0.5)": (["method=dml", "T=1", "alpha=0.5"], None),
+    "joint (teacher trained alongside)": (["method=joint"], None),
+    "born_again (2 generations)": (["method=born_again", "method.generations=2"], None),
+}
+
+
+def kd(*args: str, env: dict) -> None:
+    cmd = [sys.executable, "-m", "kdcli", *args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+
+
+def train_teacher(name: str, out: Path, common: list[str], extra: list[str], env: dict) -> str:
+    run = out / "teachers" / name
+    if not (run / "checkpoints" / "teacher_best.pt").is_file():
+        kd("train-teacher", *common, *TEACHER, *extra, f"hydra.run.dir={run}", env=env)
+    return str(run / "checkpoints" / "teacher_best.pt")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dataset", default="mnist5k")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=15, help="student epochs (the teachers train for 30)")
+    ap.add_argument("--out", default="runs/compare")
+    ap.add_argument("--only", default="", help="comma-separated method names (default: all)")
+    args = ap.parse_args()
+    out = Path(args.out).resolve()
+    env = {**os.environ, "KDCLI_RUNS": str(out / "runs"), "COLUMNS": "160"}
+    common = [f"dataset={args.dataset}", "trainer.progress=false"]
+    seeds = ",".join(str(s) for s in range(args.seeds))
+    chosen = [m for m in METHODS if not args.only or m.split()[0].strip(",") in args.only.split(",")]
+
+    t0 = time.perf_counter()
+    teacher = train_teacher("main", out, common, [], env)
+    needs = {METHODS[m][1] for m in chosen}
+    second = train_teacher("seed1", out, common, ["seed=1"], env) if "ensemble" in needs else None
+    halves = (
+        [
+            train_teacher(f"classes{i}", out, common, [f"dataset.classes=[{c}]"], env)
+            for i, c in ((0, "0,1,2,3,4"), (1, "5,6,7,8,9"))
+        ]
+        if "domains" in needs
+        else None
+    )
+    console.print(f"teachers ready in {time.perf_counter() - t0:.0f} s")
+
+    rows, scratch = [], None
+    for name in chosen:
+        overrides, need = METHODS[name]
+        sweep = out / "sweeps" / name.split()[0].strip(",") / str(len(rows))
+        teacher_args = {
+            "teacher": [f"teacher.ckpt={teacher}"],
+            "ensemble": [f"teachers=[{teacher},{second}]"],
+            "domains": [f"teachers=[{','.join(halves or [])}]"],
+            None: [*TEACHER],
+        }[need]
+        baseline = "baseline=true" if scratch is None else "baseline=false"
+        started = time.perf_counter()
+        kd(
+            "distill", "-m", f"seed={seeds}", *common, *STUDENT, *RECIPE, f"trainer.epochs={args.epochs}",
+            *teacher_args, baseline, *overrides, f"hydra.sweep.dir={sweep}", env=env,
+        )  # fmt: skip
+        seconds = (time.perf_counter() - started) / args.seeds
+        jobs = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(args.seeds)]
+        if scratch is None:
+            scratch = [100 * j["scratch"]["test_acc"] for j in jobs]
+            rows.append(("scratch (labels only)", "alpha=1", scratch, seconds))
+        acc = [100 * j["student"]["test_acc"] for j in jobs]
+        rows.append((name, " ".join(overrides) or "-", acc, seconds))
+        console.print(f"{name}: {statistics.mean(acc):.2f} ({seconds:.0f} s per run)")
+
+    base = statistics.mean(scratch)
+
+    def fmt(values):
+        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0:.2f}"
+
+    header = ["method", "test acc % (mean ± std)", "vs scratch", "s / run", "overrides"]
+    body = [[n, fmt(a), f"{statistics.mean(a) - base:+.2f}", f"{s:.0f}", o] for n, o, a, s in rows]
+    title = (
+        f"{args.dataset}: teacher {' '.join(TEACHER[1:])} -> student {' '.join(STUDENT[1:])}, "
+        f"{args.epochs} epochs, {' '.join(RECIPE)}, {args.seeds} seeds"
+    )
+    console.print(table(title, header, body))
+    with open(out / "compare.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *body])
+    md = [f"{title}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(r) + " |" for r in body]
+    (out / "compare.md").write_text("\n".join(md) + "\n")
+    console.print(f"written: {out / 'compare.csv'}, {out / 'compare.md'}; {time.perf_counter() - t0:.0f} s in all")
+
+
+if __name__ == "__main__":
+    main()
