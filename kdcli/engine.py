@@ -221,7 +221,19 @@ def fit(
                 advance()
             for t in trainees:
                 _end_epoch(
-                    t, state[t.role], sums[t.role], seen, epoch, epochs, sched[t.role], data, cfg, run_dir, ckpt_dir, t0
+                    keep,
+                    t,
+                    state[t.role],
+                    sums[t.role],
+                    seen,
+                    epoch,
+                    epochs,
+                    sched[t.role],
+                    data,
+                    cfg,
+                    run_dir,
+                    ckpt_dir,
+                    t0,
                 )
 
     results = {}
@@ -246,7 +258,9 @@ def fit(
     return results[trainees[0].role] if single else results
 
 
-def _end_epoch(t: Trainee, st: dict, sums, seen, epoch, epochs, sched, data, cfg, run_dir, ckpt_dir, t0) -> None:
+def _end_epoch(
+    keep: str, t: Trainee, st: dict, sums, seen, epoch, epochs, sched, data, cfg, run_dir, ckpt_dir, t0
+) -> None:
     """Validation, checkpoints, the metrics line and the log line of one trainee's epoch."""
     tcfg = cfg.trainer
     role = t.role
@@ -272,7 +286,7 @@ def _end_epoch(t: Trainee, st: dict, sums, seen, epoch, epochs, sched, data, cfg
         "epoch_s": time.perf_counter() - t0,
     }
     st["rows"].append(row)
-    improved = val["acc"] > st["best_acc"]
+    improved = val["acc"] > st["best_acc"] and keep == "best"
     if improved:
         st["best_acc"], st["best_epoch"] = val["acc"], epoch
         st["best_state"] = copy.deepcopy(t.model.state_dict())

@@ -1008,3 +1008,15 @@ def test_objective_confidence_needs_a_per_sample_term():
     objective = Objective(LOSSES.build("dist"), T=2.0, alpha=0.5, confidence=1.0)
     with pytest.raises(KdError):
         objective(randn(3, 4, seed=97), [randn(3, 4, seed=98)], torch.tensor([0, 1, 2]))
+
+
+def test_crd_shared_noise_takes_the_matmul_path_with_the_same_scores():
+    # The default sampler shares one noise draw across the batch; scores must equal the formula.
+    crd = make_crd()
+    bank = torch.randn(10, 2)
+    v = torch.nn.functional.normalize(torch.randn(3, 2), dim=1)
+    contrast = torch.tensor([[1, 0, 4, 9], [4, 0, 4, 9], [7, 0, 4, 9]])
+    expected = crd_scores(v.tolist(), bank.tolist(), contrast.tolist(), 0.5)
+    torch.testing.assert_close(crd.scores(v, bank, contrast, 0.5), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    shared = crd.sample(torch.tensor([3, 8, 0]))
+    assert (shared[:, 1:] == shared[0, 1:]).all()

@@ -127,10 +127,11 @@ class Run:
                 hint=True,
             )
         res = self.fit(trainee, teachers)
+        for taps in [trainee.taps] + [t.taps for t in teachers]:
+            if taps:
+                taps.remove()
         for t in teachers:
-            if t.taps:
-                t.taps.remove()
-                t.taps = None
+            t.taps = None
         self.record(role, label, res, spec)
         return res
 
@@ -316,6 +317,9 @@ def joint(run: Run) -> dict:
     t_trainee = Trainee("teacher", teacher, labels_only(cfg, data.device), run.meta(t_spec), source_taps=source_taps)
     s_trainee = run.trainee("student", student, objective, run.spec, sources=["teacher"])
     res = run.fit([t_trainee, s_trainee])
+    for taps in (source_taps, s_trainee.taps):
+        if taps:
+            taps.remove()
     run.record_teacher(
         "teacher, trained jointly",
         t_spec["name"],

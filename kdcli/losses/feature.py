@@ -216,7 +216,7 @@ class CRD(nn.Module):
     Student and teacher features are embedded (linear + L2 norm) in `dim` dimensions. Two
     memory banks hold an embedding per training sample (student's, teacher's), updated with
     momentum. For each sample, the positive is its own entry in the other network's bank and
-    `negatives` entries drawn uniformly are the noise; scores exp(<v, m> / tau) / Z, with Z
+    `negatives` entries drawn uniformly (one draw per batch, shared) are the noise; scores exp(<v, m> / tau) / Z, with Z
     fixed from the first batch, go through the NCE loss with noise probability 1/N. The loss
     is the sum of the student-anchored and teacher-anchored terms."""
 
@@ -238,11 +238,23 @@ class CRD(nn.Module):
         self.seed = seed
 
     def sample(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, K + 1) bank indices: the sample itself, then K uniform draws."""
+        """(B, K + 1) bank indices: each sample itself, then K uniform draws shared by the batch
+        (one draw per step keeps memory at K x dim instead of B x K x dim)."""
         if self.generator is None or self.generator.device != idx.device:
             self.generator = torch.Generator(device=idx.device).manual_seed(self.seed)
-        noise = torch.randint(0, self.n, (len(idx), self.k), device=idx.device, generator=self.generator)
-        return torch.cat([idx[:, None], noise], 1)
+        noise = torch.randint(0, self.n, (self.k,), device=idx.device, generator=self.generator)
+        return torch.cat([idx[:, None], noise.expand(len(idx), self.k)], 1)
+
+    @staticmethod
+    def scores(v: torch.Tensor, bank: torch.Tensor, contrast: torch.Tensor, tau: float) -> torch.Tensor:
+        """exp(<bank[contrast[b, k]], v_b> / tau), shape (B, K + 1)."""
+        pos = (bank[contrast[:, 0]] * v).sum(1, keepdim=True)
+        noise = contrast[:, 1:]
+        if bool((noise == noise[:1]).all()):  # one noise set for the batch: a single matmul
+            neg = v @ bank[noise[0]].t()
+        else:
+            neg = torch.einsum("bkd,bd->bk", bank[noise], v)
+        return torch.exp(torch.cat([pos, neg], 1) / tau)
 
     def nce(self, scores: torch.Tensor) -> torch.Tensor:
         """-(log D(positive) + sum log(1 - D(noise))) averaged over the batch, with
@@ -258,8 +270,8 @@ class CRD(nn.Module):
         vt = F.normalize(self.embed_t(ft[0].flatten(1)), dim=1)
         contrast = self.sample(idx)
         # The student's embedding against the teacher's bank, and the other way round.
-        out_s = torch.exp(torch.einsum("bkd,bd->bk", self.memory_t[contrast], vs) / self.tau)
-        out_t = torch.exp(torch.einsum("bkd,bd->bk", self.memory_s[contrast], vt) / self.tau)
+        out_s = self.scores(vs, self.memory_t, contrast, self.tau)
+        out_t = self.scores(vt, self.memory_s, contrast, self.tau)
         if self.z[0] < 0:  # the normalising constants, estimated once (as the paper's code does)
             self.z.copy_(torch.stack([out_s.mean().detach() * self.n, out_t.mean().detach() * self.n]))
         loss = self.nce(out_s / self.z[0]) + self.nce(out_t / self.z[1])
