@@ -243,3 +243,9 @@ def test_bad_layer_names_and_modules_are_named_with_the_choices(kd, teachers):
     assert r.returncode == 1 and "transfer.freeze: the student has no module 'conv9'" in r.stdout
     r = kd("distill", *SMOKE, "features=[atx]")
     assert r.returncode == 1 and "Unknown features 'atx'" in r.stdout
+
+
+def test_confidence_weights_with_a_batch_level_loss_are_refused_before_training(kd, teachers):
+    r = kd("distill", "debug=smoke", f"teacher.ckpt={teachers['all']}", "loss=dist", "confidence_weights=true")
+    assert r.returncode == 1 and "needs a per-sample logit loss" in r.stdout
+    assert not (the_run(kd.dir) / "checkpoints").exists()  # not even the scratch baseline ran

@@ -205,8 +205,16 @@ def build_objective(cfg, data: DeviceData, student, teacher=None, teachers: list
         )
     several = len(teachers) > 1 or any(len(t.class_map) != data.info.num_classes for t in teachers)
     weights = list(cfg.teacher_weights) or [1.0] * max(1, len(teachers))
+    term = LOSSES.build(cfg.loss.name, **group_kwargs(cfg.loss))
+    if cfg.confidence_weights:  # a batch-level term cannot be weighted per sample: say so before training
+        z = torch.randn(2, data.info.num_classes, device=data.device)
+        if term(z, z.flip(0), torch.zeros(2, dtype=torch.long, device=data.device), float(cfg.T)).dim() != 1:
+            raise KdError(
+                "confidence_weights=true needs a per-sample logit loss (kd, ls, soft_ce, mse, dkd); "
+                f"loss={cfg.loss.name} is defined on the whole batch."
+            )
     return Objective(
-        LOSSES.build(cfg.loss.name, **group_kwargs(cfg.loss)),
+        term,
         T=Schedule(sch.T, float(cfg.T), sch.T_end, sch.step_at),
         alpha=Schedule(sch.alpha, float(cfg.alpha), sch.alpha_end, sch.step_at),
         warmup=int(sch.warmup),
