@@ -74,23 +74,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", default="mnist5k")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=15, help="student epochs (the teachers train for 30)")
+    ap.add_argument("--epochs", type=int, default=15, help="student epochs")
+    ap.add_argument("--teacher-epochs", type=int, default=30)
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("--only", default="", help="comma-separated method names (default: all)")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     env = {**os.environ, "KDCLI_RUNS": str(out / "runs"), "COLUMNS": "160"}
     common = [f"dataset={args.dataset}", "trainer.progress=false"]
+    t_common = [*common, f"trainer.epochs={args.teacher_epochs}"]
     seeds = ",".join(str(s) for s in range(args.seeds))
     chosen = [m for m in METHODS if not args.only or m.split()[0].strip(",") in args.only.split(",")]
 
     t0 = time.perf_counter()
-    teacher = train_teacher("main", out, common, [], env)
+    teacher = train_teacher("main", out, t_common, [], env)
     needs = {METHODS[m][1] for m in chosen}
-    second = train_teacher("seed1", out, common, ["seed=1"], env) if "ensemble" in needs else None
+    second = train_teacher("seed1", out, t_common, ["seed=1"], env) if "ensemble" in needs else None
     halves = (
         [
-            train_teacher(f"classes{i}", out, common, [f"dataset.classes=[{c}]"], env)
+            train_teacher(f"classes{i}", out, t_common, [f"dataset.classes=[{c}]"], env)
             for i, c in ((0, "0,1,2,3,4"), (1, "5,6,7,8,9"))
         ]
         if "domains" in needs
@@ -132,7 +134,7 @@ def main() -> None:
     body = [[n, fmt(a), f"{statistics.mean(a) - base:+.2f}", f"{s:.0f}", o] for n, o, a, s in rows]
     title = (
         f"{args.dataset}: teacher {' '.join(TEACHER[1:])} -> student {' '.join(STUDENT[1:])}, "
-        f"{args.epochs} epochs, {' '.join(RECIPE)}, {args.seeds} seeds"
+        f"{args.epochs} student epochs ({args.teacher_epochs} teacher), {' '.join(RECIPE)}, {args.seeds} seeds"
     )
     console.print(table(title, header, body))
     with open(out / "compare.csv", "w", newline="") as f:

@@ -249,3 +249,24 @@ def test_confidence_weights_with_a_batch_level_loss_are_refused_before_training(
     r = kd("distill", "debug=smoke", f"teacher.ckpt={teachers['all']}", "loss=dist", "confidence_weights=true")
     assert r.returncode == 1 and "needs a per-sample logit loss" in r.stdout
     assert not (the_run(kd.dir) / "checkpoints").exists()  # not even the scratch baseline ran
+
+
+def test_frozen_modules_thaw_after_freeze_epochs(kd, teachers):
+    r = kd(
+        "distill",
+        *SMOKE,
+        f"teacher.ckpt={teachers['all']}",
+        "student=convnet",
+        "trainer.epochs=2",
+        "transfer.init_from_teacher=true",
+        "transfer.freeze=[conv1,conv2]",
+        "transfer.freeze_epochs=1",
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "epoch 2: unfreezing conv1, conv2" in r.stdout
+    ckpts = the_run(kd.dir) / "checkpoints"
+    teacher = torch.load(teachers["all"], weights_only=True)["state_dict"]
+    # Same architecture: everything was copied; conv1 kept during epoch 1, trained in epoch 2.
+    assert metrics(the_run(kd.dir))["transfer"]["kept"] == []
+    last = torch.load(ckpts / "student_last.pt", weights_only=True)
+    assert last["epoch"] == 2 and not torch.equal(last["state_dict"]["conv1.weight"], teacher["conv1.weight"])
