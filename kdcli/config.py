@@ -75,7 +75,7 @@ class DistillConfig(TrainTeacherConfig):
     baseline: bool = True  # also train the student from scratch and report the KD gain
     teachers: List[str] = field(default_factory=list)  # several teacher checkpoints (ensemble / class subsets)
     teacher_weights: List[float] = field(default_factory=list)  # one per teacher; default equal
-    teacher_merge: str = "probs"  # probs: weighted mean of softened probabilities; logits: of logits
+    teacher_merge: str = "auto"  # auto, probs, logits, conditional (see configs/distill.yaml)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     confidence_weights: bool = False  # weight samples by B * softmax(teacher confidence / temperature)
     confidence_temperature: float = 1.0
@@ -297,7 +297,8 @@ def _validate_distill(cfg: DictConfig) -> None:
     _check(0 <= sch.step_at <= 1, f"schedule.step_at is a fraction of the epochs, in [0, 1] (got {sch.step_at}).")
     _at_least(cfg, "schedule.warmup", 0)
     _at_least(cfg, "confidence_temperature", 0, strict=True)
-    _check(cfg.teacher_merge in ("probs", "logits"), f"teacher_merge={cfg.teacher_merge}: choose probs or logits.")
+    merges = ("auto", "probs", "logits", "conditional")
+    _check(cfg.teacher_merge in merges, f"teacher_merge={cfg.teacher_merge}: choose one of {', '.join(merges)}.")
     if cfg.teacher_weights:
         _check(
             len(cfg.teacher_weights) == max(1, len(cfg.teachers)),
@@ -312,6 +313,10 @@ def _validate_distill(cfg: DictConfig) -> None:
         "Give either teacher.ckpt=PATH (one teacher) or teachers=[PATH,...] (several), not both.",
     )
     _at_least(cfg, "transfer.freeze_epochs", 0, nullable=True)
+    _check(
+        cfg.transfer.freeze_epochs is None or len(cfg.transfer.freeze) > 0,
+        "transfer.freeze_epochs applies to the modules in transfer.freeze=[...]; name them.",
+    )
     for name in cfg.features or {}:
         _check(name in FEATURE_LOSSES, f"features.{name}: {_names(FEATURE_LOSSES)}")
     method = cfg.method
@@ -321,7 +326,10 @@ def _validate_distill(cfg: DictConfig) -> None:
     if method.name == "born_again":
         _at_least(cfg, "method.generations", 1)
     if method.name == "ta":
-        _check(len(method.assistants) > 0, "method=ta needs at least one assistant: method.assistants=[lenet5].")
+        _check(
+            OmegaConf.is_list(method.assistants) and len(method.assistants) > 0,
+            f"method.assistants takes a list of model names, e.g. [lenet5] (got {method.assistants}).",
+        )
         for name in method.assistants:
             _check(name in MODELS, f"method.assistants: '{name}' is an {_names(MODELS)}")
 

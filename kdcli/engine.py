@@ -176,6 +176,11 @@ def fit(
             for t in trainees:
                 t.model.train()
                 _set_frozen(t, epoch)
+                if not any(p.requires_grad for g in t.optimizer.param_groups for p in g["params"]):
+                    raise KdError(
+                        f"{t.role}: no parameter is left to train in epoch {epoch} (transfer.freeze="
+                        f"{list(t.freeze)} covers the whole model). Freeze fewer modules."
+                    )
                 sched[t.role] = t.objective.set_epoch(epoch, epochs, hint=hint)
             sums = {t.role: torch.zeros(2, device=data.device) for t in trainees}  # loss, correct
             seen = 0
@@ -212,8 +217,9 @@ def fit(
                     t.optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 for t in trainees:
-                    if tcfg.grad_clip:
-                        nn.utils.clip_grad_norm_(t.model.parameters(), tcfg.grad_clip)
+                    if tcfg.grad_clip:  # the model's and the objective's (adapters) parameters
+                        params = [p for g in t.optimizer.param_groups for p in g["params"]]
+                        nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
                     t.optimizer.step()
                     if t.scheduler is not None:
                         t.scheduler.step()

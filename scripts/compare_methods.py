@@ -7,7 +7,7 @@ the same recipe. Writes compare.csv and compare.md into --out.
 
     python scripts/compare_methods.py                       # mnist5k, 3 seeds
     python scripts/compare_methods.py --dataset fashion_mnist --epochs 10 --seeds 2
-    python scripts/compare_methods.py --only kd,dkd,at      # a subset of the methods
+    python scripts/compare_methods.py --only kd,dkd,kd_at   # a subset, by the names --list prints
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ METHODS = {
 }
 
 
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
 def kd(*args: str, env: dict) -> None:
     cmd = [sys.executable, "-m", "kdcli", *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -85,14 +89,22 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=15, help="student epochs")
     ap.add_argument("--teacher-epochs", type=int, default=30)
     ap.add_argument("--out", default="runs/compare")
-    ap.add_argument("--only", default="", help="comma-separated method names (default: all)")
+    ap.add_argument("--only", default="", help="comma-separated method slugs, see --list (default: all)")
+    ap.add_argument("--list", action="store_true", help="print the method slugs and exit")
     args = ap.parse_args()
+    if args.list:
+        print("\n".join(f"{slug(m):<40} {m}" for m in METHODS))
+        return
     out = Path(args.out).resolve()
     env = {**os.environ, "KDCLI_RUNS": str(out / "runs"), "COLUMNS": "160"}
     common = [f"dataset={args.dataset}", "trainer.progress=false"]
     t_common = [*common, f"trainer.epochs={args.teacher_epochs}"]
     seeds = ",".join(str(s) for s in range(args.seeds))
-    chosen = [m for m in METHODS if not args.only or m.split()[0].strip(",") in args.only.split(",")]
+    wanted = [w for w in args.only.split(",") if w]
+    unknown = [w for w in wanted if w not in {slug(m) for m in METHODS}]
+    if unknown:
+        sys.exit(f"--only: unknown {', '.join(unknown)}; see --list")
+    chosen = [m for m in METHODS if not wanted or slug(m) in wanted]
 
     t0 = time.perf_counter()
     teacher = train_teacher("main", out, t_common, [], env)
@@ -111,7 +123,7 @@ def main() -> None:
     rows, scratch = [], None
     for name in chosen:
         overrides, need = METHODS[name]
-        sweep = out / "sweeps" / re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+        sweep = out / "sweeps" / slug(name)
         teacher_args = {
             "teacher": [f"teacher.ckpt={teacher}"],
             "ensemble": [f"teachers=[{teacher},{second}]"],

@@ -748,8 +748,8 @@ def test_spatial_losses_reject_flat_features(name):
 
 
 def make_crd(**kw):
-    params = dict(negatives=3, dim=2, tau=0.5, momentum=0.5, weight=1.0, seed=0) | kw
-    return FEATURE_LOSSES.build("crd", Shapes(student=[(4,)], teacher=[(3,)], num_samples=10), **params)
+    params = dict(negatives=3, dim=2, tau=0.5, momentum=0.5, weight=1.0) | kw
+    return FEATURE_LOSSES.build("crd", Shapes(student=[(4,)], teacher=[(3,)], num_samples=10, seed=0), **params)
 
 
 def embed(linear, x):
@@ -846,8 +846,8 @@ def test_crd_default_sampler_puts_the_positive_first():
         ("linear", [4.0, 3.25, 2.5, 1.75, 1.0]),
         # f = (1 - cos(pi p)) / 2 = 0, .1464466, .5, .8535534, 1
         ("cosine", [4.0, 3.5606602, 2.5, 1.4393398, 1.0]),
-        # f = 1 once p >= step_at = .5
-        ("step", [4.0, 4.0, 1.0, 1.0, 1.0]),
+        # the end value once the fraction step_at = .5 of the 5 epochs is done: epochs done e - 1 >= 2.5
+        ("step", [4.0, 4.0, 4.0, 1.0, 1.0]),
     ],
 )
 def test_schedule_hand_values(kind, values):
@@ -858,7 +858,7 @@ def test_schedule_hand_values(kind, values):
 def test_schedule_edge_cases():
     assert Schedule("linear", 4.0).at(3, 5) == 4.0  # no end: constant
     assert Schedule("linear", 4.0, 1.0).at(1, 1) == 1.0  # a single epoch is the last one
-    assert Schedule("step", 0.0, 1.0, step_at=0.8).at(4, 5) == 0.0  # progress .75 < .8
+    assert Schedule("step", 0.0, 1.0, step_at=0.8).at(4, 5) == 0.0  # 3 of 5 epochs done < 4
     assert Schedule("step", 0.0, 1.0, step_at=0.8).at(5, 5) == 1.0
 
 
@@ -1020,3 +1020,30 @@ def test_crd_shared_noise_takes_the_matmul_path_with_the_same_scores():
     torch.testing.assert_close(crd.scores(v, bank, contrast, 0.5), torch.tensor(expected), rtol=1e-5, atol=1e-6)
     shared = crd.sample(torch.tensor([3, 8, 0]))
     assert (shared[:, 1:] == shared[0, 1:]).all()
+
+
+def test_conditional_merge_compares_each_teacher_on_its_own_classes():
+    # Vongkulbhisal et al. (2019): teacher k vs the student's softmax restricted to k's classes.
+    from kdcli.losses import Objective
+    from kdcli.registry import LOSSES
+
+    T = 2.0
+    s = [[0.3, -1.0, 2.0, 0.5, 0.0]]
+    ta, tb = [[1.0, 0.0]], [[0.5, -0.5, 2.0]]  # teacher A: classes 3, 0; teacher B: classes 1, 2, 4
+    maps = [torch.tensor([3, 0]), torch.tensor([1, 2, 4])]
+
+    def kl(p_logits, q_logits):
+        p, q = softmax([v / T for v in p_logits]), softmax([v / T for v in q_logits])
+        return T * T * sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+    expected_a = kl(ta[0], [s[0][3], s[0][0]])
+    expected_b = kl(tb[0], [s[0][1], s[0][2], s[0][4]])
+    objective = Objective(
+        LOSSES.build("kd"), T=T, alpha=0.0, class_maps=maps, teacher_weights=[1.0, 3.0], merge="conditional",
+        num_classes=5,
+    )  # fmt: skip
+    value = objective.logit_term(torch.tensor(s), [torch.tensor(ta), torch.tensor(tb)], torch.tensor([2]))
+    assert value.item() == pytest.approx((expected_a + 3 * expected_b) / 4, rel=1e-5)
+    # As one prediction (the teacher row, agreement), disjoint teachers' logits are concatenated.
+    merged = objective.teacher_logits([torch.tensor(ta), torch.tensor(tb)], T)
+    assert merged.tolist() == [[0.0, 0.5, -0.5, 1.0, 2.0]]

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from kdcli.config import model_spec
 from kdcli.data import DeviceData, load_splits
+from kdcli.data.splits import SPLIT_VERSION
 from kdcli.models import build_model
 
 log = logging.getLogger("kdcli")
@@ -76,7 +77,8 @@ def find_teacher_run(runs_dir: str | Path, spec: dict, dataset_cfg: dict) -> Pat
     for _, m in reversed(completed_runs(runs_dir, "train_teacher/*", "train_teacher-multirun/*/*")):
         teacher = m.get("teacher") or {}
         ckpt = Path(teacher.get("checkpoint", ""))
-        if teacher.get("arch") == spec and data_identity(m.get("dataset") or {}) == wanted and ckpt.is_file():
+        same_split = data_identity(m.get("dataset") or {}) == wanted and m.get("split_version") == SPLIT_VERSION
+        if teacher.get("arch") == spec and same_split and ckpt.is_file():
             return ckpt
     return None
 

@@ -22,6 +22,7 @@ from kdcli.commands.common import (
 )
 from kdcli.config import group_kwargs, model_spec
 from kdcli.data import DeviceData
+from kdcli.data.splits import SPLIT_VERSION
 from kdcli.engine import Teacher
 from kdcli.errors import KdError
 from kdcli.files import write_json, write_text
@@ -102,7 +103,13 @@ def obtain_teacher(cfg, data: DeviceData, ctx: Context) -> tuple:
             figures = train_teacher.train(cfg, data, run_dir, ctx)
             write_json(
                 run_dir / "metrics.json",
-                {"command": "train_teacher", "status": "completed", "teacher": figures, "dataset": dataset_cfg},
+                {
+                    "command": "train_teacher",
+                    "status": "completed",
+                    "teacher": figures,
+                    "dataset": dataset_cfg,
+                    "split_version": SPLIT_VERSION,
+                },
             )
             path, source = figures["checkpoint"], "trained now"
     ckpt = checkpoint.load(path)
@@ -173,7 +180,13 @@ def _tap_shapes(model, names: list[str], role: str, data: DeviceData, forward=No
     model.eval()
     try:
         (forward or model)(data.train.x[:2])
-        return [tuple(v.shape[1:]) for v in taps.take()]
+        values = taps.take()
+        for name, v in zip(names, values):
+            if v is None:
+                raise KdError(
+                    f"{role}_layer={name}: that layer does not run in the {role}'s forward pass; pick another."
+                )
+        return [tuple(v.shape[1:]) for v in values]
     finally:
         taps.remove()
         model.train(was_training)
@@ -195,16 +208,32 @@ def build_objective(cfg, data: DeviceData, student, teacher=None, teachers: list
             _tap_shapes(student, s_layers, "student", data),
             _tap_shapes(teacher.model if isinstance(teacher, Teacher) else teacher, t_layers, "teacher", data),
             len(data.train),
+            int(cfg.seed),
         )
         params = {k: v for k, v in group_kwargs(node).items() if k not in ("student_layer", "teacher_layer")}
+        if params.get("weight", 0) < 0:
+            raise KdError(f"features.{name}.weight must be >= 0 (got {params['weight']}).")
         module = FEATURE_LOSSES.build(name, shapes, **params)
         features.append(FeatureTerm(name, module, s_layers, t_layers, int(params.get("hint_epochs", 0))))
         log.info(
             f"features {name}: student {', '.join(f'{n} {s}' for n, s in zip(s_layers, shapes.student))} -> "
-            f"teacher {', '.join(f'{n} {s}' for n, s in zip(t_layers, shapes.teacher))}, weight {params['weight']:g}"
+            f"teacher {', '.join(f'{n} {s}' for n, s in zip(t_layers, shapes.teacher))}, "
+            f"weight {params.get('weight', 1):g}"
         )
-    several = len(teachers) > 1 or any(len(t.class_map) != data.info.num_classes for t in teachers)
+    identity = torch.arange(data.info.num_classes, device=data.device)
+    several = len(teachers) > 1 or any(not torch.equal(t.class_map, identity) for t in teachers)
+    partial = any(len(t.class_map) < data.info.num_classes for t in teachers)
+    merge = cfg.teacher_merge if cfg.teacher_merge != "auto" else ("conditional" if partial else "probs")
     weights = list(cfg.teacher_weights) or [1.0] * max(1, len(teachers))
+    if several and merge == "conditional" and cfg.loss.name == "dkd":
+        raise KdError("loss=dkd needs the target class in every teacher's classes; use teacher_merge=probs or logits.")
+    if several and merge == "probs" and cfg.loss.name == "mse" and not cfg.loss.get("probs", False):
+        raise KdError(
+            "loss=mse compares logits, and teacher_merge=probs merges probabilities: use teacher_merge=logits "
+            "or loss.probs=true."
+        )
+    if len(teachers) > 1 or partial:
+        log.info(f"teachers merged: teacher_merge={merge}, weights {weights}")
     term = LOSSES.build(cfg.loss.name, **group_kwargs(cfg.loss))
     if cfg.confidence_weights:  # a batch-level term cannot be weighted per sample: say so before training
         z = torch.randn(2, data.info.num_classes, device=data.device)
@@ -223,7 +252,7 @@ def build_objective(cfg, data: DeviceData, student, teacher=None, teachers: list
         features=features,
         class_maps=[t.class_map for t in teachers] if several else None,
         teacher_weights=weights,
-        merge=cfg.teacher_merge,
+        merge=merge,
         num_classes=data.info.num_classes,
     ).to(data.device)
 

@@ -118,20 +118,26 @@ class Run:
         trainee = self.trainee(role, model, objective, spec, **kw)
         if objective.features:
             teachers[0].taps = Taps(teachers[0].model, objective.teacher_layers, "teacher", self.data.info.input_shape)
-        if objective.hint_epochs:
-            log.info(f"{role:<8} FitNets stage 1: {objective.hint_epochs} epoch(s) of hint training only")
-            self.fit(
-                Trainee(f"{role}_hint", model, objective, trainee.ckpt_meta, taps=trainee.taps),
-                teachers,
-                epochs=objective.hint_epochs,
-                hint=True,
-            )
-        res = self.fit(trainee, teachers)
-        for taps in [trainee.taps] + [t.taps for t in teachers]:
-            if taps:
-                taps.remove()
-        for t in teachers:
-            t.taps = None
+        try:
+            if objective.hint_epochs:
+                log.info(f"{role:<8} FitNets stage 1: {objective.hint_epochs} epoch(s) of hint training only")
+                hint = Trainee(
+                    f"{role}_hint",
+                    model,
+                    objective,
+                    trainee.ckpt_meta,
+                    taps=trainee.taps,
+                    freeze=trainee.freeze,
+                    freeze_epochs=trainee.freeze_epochs,
+                )
+                self.fit(hint, teachers, epochs=objective.hint_epochs, hint=True)
+            res = self.fit(trainee, teachers)
+        finally:  # hooks off, also when training fails: the models may be used again in-process
+            for taps in [trainee.taps] + [t.taps for t in teachers]:
+                if taps:
+                    taps.remove()
+            for t in teachers:
+                t.taps = None
         self.record(role, label, res, spec)
         return res
 
@@ -184,18 +190,22 @@ def standard(run: Run) -> dict:
         }
         extra["params"] = sum(count_params(m) for m, _, _ in loaded)
         label, name = (
-            f"{len(loaded)} teachers, merged ({cfg.teacher_merge})",
+            f"{len(loaded)} teachers, merged ({objective.merge})",
             "+".join(c["arch"]["name"] for _, c, _ in loaded),
         )
     run.record_teacher(label, name, t_logits, extra)
-    run.scratch()
-
+    # Transfer first: a bad transfer setting fails before the baseline trains.
     student = run.student
     student.load_state_dict(run.init_state)
     tr = cfg.transfer
     if tr.init_from_teacher:
-        if len(loaded) > 1:
-            raise KdError("transfer.init_from_teacher needs one teacher, not teachers=[...].")
+        if len(loaded) > 1 or not torch.equal(
+            teachers[0].class_map, torch.arange(data.info.num_classes).to(data.device)
+        ):
+            raise KdError(
+                "transfer.init_from_teacher needs one teacher with the student's classes in the same order, "
+                "not teachers=[...] or a class subset."
+            )
         copied, kept = copy_matching(student, loaded[0][0])
         if not copied:
             raise KdError(
@@ -210,6 +220,7 @@ def standard(run: Run) -> dict:
         check_module_names(student, list(tr.freeze), "transfer.freeze")
         span = f"for {tr.freeze_epochs} epoch(s)" if tr.freeze_epochs is not None else "for the whole run"
         log.info(f"transfer freezing {', '.join(tr.freeze)} {span}")
+    run.scratch()
     run.distill(
         "student",
         f"student, distilled ({_label(cfg)})",
@@ -306,6 +317,8 @@ def joint(run: Run) -> dict:
     current (detached) outputs and features at every step."""
     cfg, data = run.cfg, run.data
     _refuse(cfg, "joint", teacher=True, transfer=True)
+    if any(node.get("hint_epochs") for node in (cfg.features or {}).values()):
+        raise KdError("features.fitnet.hint_epochs needs a trained teacher; method=joint trains it alongside.")
     teacher, t_spec = new_model(cfg.teacher, data, run.ctx.device, int(cfg.seed) + 1)
     run.scratch()
     student = run.student
@@ -316,10 +329,12 @@ def joint(run: Run) -> dict:
     )
     t_trainee = Trainee("teacher", teacher, labels_only(cfg, data.device), run.meta(t_spec), source_taps=source_taps)
     s_trainee = run.trainee("student", student, objective, run.spec, sources=["teacher"])
-    res = run.fit([t_trainee, s_trainee])
-    for taps in (source_taps, s_trainee.taps):
-        if taps:
-            taps.remove()
+    try:
+        res = run.fit([t_trainee, s_trainee])
+    finally:
+        for taps in (source_taps, s_trainee.taps):
+            if taps:
+                taps.remove()
     run.record_teacher(
         "teacher, trained jointly",
         t_spec["name"],

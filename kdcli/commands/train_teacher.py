@@ -7,6 +7,7 @@ from pathlib import Path
 from kdcli.app import Context
 from kdcli.commands.common import ckpt_meta, dataset_config, device_data, new_model
 from kdcli.data import DeviceData
+from kdcli.data.splits import SPLIT_VERSION
 from kdcli.engine import Trainee, fit
 from kdcli.losses import Objective
 from kdcli.models import count_flops
@@ -45,4 +46,4 @@ def run(cfg, ctx: Context) -> dict:
             ],
         )
     )
-    return {"teacher": teacher, "dataset": dataset_config(cfg)}
+    return {"teacher": teacher, "dataset": dataset_config(cfg), "split_version": SPLIT_VERSION}

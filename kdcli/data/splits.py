@@ -13,6 +13,9 @@ from kdcli.registry import DATASETS
 # of a dataset registered in code without a YAML file in configs/dataset/.
 COMMON_DEFAULTS = {"val_size": 0.1, "split_seed": 0, "classes": None, "limit": None, "shift": 0, "flip": False}
 COMMON_KEYS = ("name", *COMMON_DEFAULTS)
+# Bumped when the same dataset config starts to give other splits (2: validation images are
+# chosen before a class subset is taken), so older teacher runs are not reused by mistake.
+SPLIT_VERSION = 2
 
 
 @dataclass

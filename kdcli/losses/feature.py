@@ -29,6 +29,7 @@ class Shapes:
     student: list[tuple]  # per layer pair, without the batch dimension
     teacher: list[tuple]
     num_samples: int  # size of the training split (CRD's memory bank)
+    seed: int = 0  # the run's seed (CRD's noise draws)
 
 
 # ---------------------------------------------------------------- functional forms
@@ -136,12 +137,11 @@ def _check_maps(name: str, shapes: Shapes) -> None:
 
 class Adapter(nn.Module):
     """Maps a student feature to the teacher's shape: identity when they agree, a 1x1 conv for
-    maps with the same spatial size, else a linear map of the flattened (pooled) features."""
+    maps with the same spatial size, else a linear map of the flattened features."""
 
     def __init__(self, s: tuple, t: tuple):
         super().__init__()
         self.t = tuple(t)
-        self.pool = None
         if tuple(s) == tuple(t):
             self.map = nn.Identity()
         elif len(s) == 3 and len(t) == 3 and s[1:] == t[1:]:
@@ -182,6 +182,8 @@ def fitnet(shapes: Shapes, *, weight: float = 100.0, hint_epochs: int = 0):
 def at(shapes: Shapes, *, weight: float = 1000.0, p: float = 2.0):
     """Attention transfer (Zagoruyko & Komodakis 2017): normalised channel-pooled |A|^p maps."""
     _check_maps("at", shapes)
+    if p < 1:
+        raise ValueError(f"p must be >= 1 (got {p}): |A|^p has no finite gradient at 0 below that; the paper uses 2")
     return PairwiseTerm(lambda s, t: at_loss(s, t, p), weight)
 
 
@@ -290,11 +292,10 @@ def crd(
     negatives: int = 4096,
     tau: float = 0.07,
     momentum: float = 0.5,
-    seed: int = 0,
 ):
     """Contrastive representation distillation (Tian et al. 2020): NCE against memory banks."""
     if len(shapes.student) != 1:
         raise ValueError("crd takes one layer pair (usually the penultimate features, the default)")
     if negatives < 1 or dim < 1 or tau <= 0 or not 0 <= momentum < 1:
         raise ValueError("crd needs negatives >= 1, dim >= 1, tau > 0 and 0 <= momentum < 1")
-    return CRD(shapes, weight, dim, negatives, tau, momentum, seed)
+    return CRD(shapes, weight, dim, negatives, tau, momentum, shapes.seed)

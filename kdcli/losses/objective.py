@@ -26,8 +26,9 @@ SCHEDULES = ("constant", "linear", "cosine", "step")
 
 @dataclass
 class Schedule:
-    """A value that moves from `start` to `end` over training: linearly, along a half cosine,
-    or in one step after the fraction `step_at` of the epochs."""
+    """A value that moves from `start` (first epoch) to `end` (last epoch) linearly or along a
+    half cosine, or switches to `end` in one step once the fraction `step_at` of the epochs is
+    done (epochs 4 and 5 of 5 for step_at=0.5)."""
 
     kind: str
     start: float
@@ -38,13 +39,10 @@ class Schedule:
         """The value for `epoch` (1-based) of `epochs`: start at the first, end at the last."""
         if self.kind == "constant" or self.end is None:
             return self.start
+        if self.kind == "step":  # once the fraction step_at of the epochs is done
+            return self.end if epoch - 1 >= self.step_at * epochs else self.start
         progress = (epoch - 1) / (epochs - 1) if epochs > 1 else 1.0
-        if self.kind == "linear":
-            f = progress
-        elif self.kind == "cosine":
-            f = (1 - math.cos(math.pi * progress)) / 2
-        else:  # step
-            f = 1.0 if progress >= self.step_at else 0.0
+        f = progress if self.kind == "linear" else (1 - math.cos(math.pi * progress)) / 2
         return self.start + f * (self.end - self.start)
 
 
@@ -59,11 +57,15 @@ def merge_teachers(
     """One set of teacher logits over the student's classes from several teachers.
 
     Teacher k predicts the student's classes class_maps[k] (all of them for an ensemble, a
-    subset for teachers of disjoint label domains). mode=probs: the merged distribution is
+    subset for teachers of disjoint label domains). mode=probs (for ensembles): the merged distribution is
     p(c) = sum over the teachers k covering c of w_k softmax(z_k / T)(c), divided by sum_k w_k,
     returned as logits T * log p (so that softmax(./T) gives back p). mode=logits: the logit
-    of class c is the w-weighted mean of the covering teachers' logits for c."""
+    of class c is the w-weighted mean of the covering teachers' logits for c (for disjoint
+    domains: their concatenation). mode=conditional is compared per teacher by the objective
+    (`Objective.logit_term`); as one prediction it is the logits merge."""
     b = logits[0].shape[0]
+    if mode == "conditional":  # as a prediction (the objective itself compares per teacher): logits
+        mode = "logits"
     if mode == "probs":
         p = logits[0].new_zeros(b, num_classes)
         for z, cmap, w in zip(logits, class_maps, weights):
@@ -160,6 +162,20 @@ class Objective(nn.Module):
             return logits[0]
         return merge_teachers(logits, self.class_maps, self.num_classes, T, self.teacher_weights, self.merge)
 
+    def logit_term(self, s_logits, t_logits: list[torch.Tensor], targets) -> torch.Tensor:
+        """The logit term against the (merged) teachers. With merge=conditional, teacher k is
+        compared with the student's distribution restricted to k's classes (a softmax over
+        them, i.e. renormalised) and the terms are averaged with the teacher weights, as in
+        Vongkulbhisal et al. (CVPR 2019): each teacher only says how likely its own classes
+        are relative to each other, and the hard labels set the mass between domains."""
+        if self.class_maps is None or self.merge != "conditional":
+            return self.term(s_logits, self.teacher_logits(t_logits, self.T), targets, self.T)
+        total = 0.0
+        for z, cmap, w in zip(t_logits, self.class_maps, self.teacher_weights):
+            local = (targets[:, None] == cmap[None, :]).int().argmax(1)  # label's position in cmap (0 if absent)
+            total = total + w * self.term(s_logits[:, cmap], z, local, self.T)
+        return total / sum(self.teacher_weights)
+
     def forward(self, s_logits, t_logits, targets, s_feats=(), t_feats=(), idx=None):
         parts = {}
         loss = s_logits.new_zeros(())
@@ -169,8 +185,7 @@ class Objective(nn.Module):
             alpha = self.alpha if self.needs_teacher and t_logits is not None else 1.0
             loss = loss + alpha * ce
             if self.term is not None and t_logits is not None and alpha < 1:
-                teacher = self.teacher_logits(t_logits, self.T)
-                value = self.term(s_logits, teacher, targets, self.T)
+                value = self.logit_term(s_logits, t_logits, targets)
                 if value.dim() == 1:
                     if self.confidence is not None:
                         w = confidence_weights(self.teacher_logits(t_logits, 1.0), self.confidence)

@@ -79,8 +79,10 @@ class Taps:
                 )
 
     def _keep(self, i: int, value) -> None:
-        if isinstance(value, (tuple, list)):
+        if isinstance(value, (tuple, list)) and value:
             value = value[0]
+        if not isinstance(value, torch.Tensor):
+            raise KdError(f"layer {self.names[i]} returns {type(value).__name__}, not a tensor; pick another layer.")
         self.values[i] = value.clone()
 
     def take(self) -> list[torch.Tensor]:
