@@ -57,6 +57,7 @@ METHODS = {
     "kd + crd": (["features=[crd]"], "teacher"),
     "kd, 2-teacher ensemble": ([], "ensemble"),
     "kd, teachers of 0-4 and 5-9 merged": ([], "domains"),
+    "kd, teachers of 0-4 and 5-9, logits merged": (["teacher_merge=logits"], "domains"),
     "ta (assistant convnet 10-20-50)": (["method=ta", "method.assistants=[convnet]"], "teacher"),
     "dml (2 peers, T=1, alpha=0.5)": (["method=dml", "T=1", "alpha=0.5"], None),
     "joint (teacher trained alongside)": (["method=joint"], None),
