@@ -53,9 +53,10 @@ def _numeric(value: str) -> bool:
 
 
 def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
-    """A rich table; columns whose cells are all numbers are right-aligned."""
-    cells = [["-" if v is None else str(v) for v in r] for r in rows]
-    t = Table(title=title, title_justify="left")
+    """A rich table; columns whose cells are all numbers are right-aligned. Cells and title are
+    text, not markup: `features=[at]` shows as written."""
+    cells = [["-" if v is None else escape(str(v)) for v in r] for r in rows]
+    t = Table(title=escape(title), title_justify="left")
     for i, c in enumerate(columns):
         numeric = bool(cells) and all(_numeric(r[i]) for r in cells)
         t.add_column(c, justify="right" if numeric else "left")

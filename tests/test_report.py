@@ -42,3 +42,11 @@ def test_summary_over_seeds_with_failed_jobs_and_missing_figures(tmp_path):
     assert seeds["true"]["student.test_acc"] == "92.00 ± 2.83" and seeds["true"]["kd_gain"] == "4.00 ± 2.83"
     assert seeds["false"]["seeds"] == "1" and seeds["false"]["kd_gain"] == "-"
     assert not (tmp_path / "summary.png").exists()  # two keys swept: no single x axis
+
+
+def test_table_cells_are_text_not_markup():
+    from kdcli.report import console, table
+
+    with console.capture() as captured:
+        console.print(table("fixed: features=[at]", ["overrides"], [["method.assistants=[convnet]"]]))
+    assert "method.assistants=[convnet]" in captured.get() and "features=[at]" in captured.get()
