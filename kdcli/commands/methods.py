@@ -15,6 +15,7 @@ the scratch student when the baseline runs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import torch
@@ -121,15 +122,7 @@ class Run:
         try:
             if objective.hint_epochs:
                 log.info(f"{role:<8} FitNets stage 1: {objective.hint_epochs} epoch(s) of hint training only")
-                hint = Trainee(
-                    f"{role}_hint",
-                    model,
-                    objective,
-                    trainee.ckpt_meta,
-                    taps=trainee.taps,
-                    freeze=trainee.freeze,
-                    freeze_epochs=trainee.freeze_epochs,
-                )
+                hint = dataclasses.replace(trainee, role=f"{role}_hint")
                 self.fit(hint, teachers, epochs=objective.hint_epochs, hint=True)
             res = self.fit(trainee, teachers)
         finally:  # hooks off, also when training fails: the models may be used again in-process
@@ -145,6 +138,14 @@ class Run:
         if "scratch" in self.results and final in self.results:
             self.results["kd_gain"] = self.results[final]["test_acc"] - self.results["scratch"]["test_acc"]
         return self.results
+
+
+def _frozen(model, data: DeviceData) -> Teacher:
+    """A model trained in this run as a frozen teacher: same inputs and classes as the student."""
+    one = torch.ones(1, device=data.device)
+    return Teacher(
+        model.eval().requires_grad_(False), one, 0 * one, torch.arange(data.info.num_classes).to(data.device)
+    )
 
 
 def _label(cfg) -> str:
@@ -253,9 +254,7 @@ def ta(run: Run) -> dict:
         model, spec = new_model(OmegaConf.create({"name": name}), data, run.ctx.device, int(cfg.seed) + i)
         objective = build_objective(cfg, data, model, None, teachers)
         res = run.distill(f"assistant{i}", f"assistant {i}, distilled", model, spec, teachers, objective)
-        identity = torch.arange(data.info.num_classes, device=data.device)
-        one = torch.ones(1, device=data.device)
-        teachers = [Teacher(res.model.eval().requires_grad_(False), one, 0 * one, identity)]
+        teachers = [_frozen(res.model, data)]
     student = run.student
     student.load_state_dict(run.init_state)
     objective = build_objective(cfg, data, student, None, teachers)
@@ -272,12 +271,10 @@ def born_again(run: Run) -> dict:
     res = run.fit(run.trainee("scratch", model, labels_only(cfg, data.device), spec))
     run.record("scratch", "generation 0 (labels only) = scratch", res, spec)
     run.reference = predict(res.model, data.test.x, cfg.trainer.eval_batch_size)
-    identity = torch.arange(data.info.num_classes, device=data.device)
-    one = torch.ones(1, device=data.device)
     previous, generations = res.model, []
     n = int(cfg.method.generations)
     for k in range(1, n + 1):
-        teachers = [Teacher(previous.eval().requires_grad_(False), one, 0 * one, identity)]
+        teachers = [_frozen(previous, data)]
         model, spec = run.fresh_student(seed_offset=k)
         objective = build_objective(cfg, data, model, teachers[0], teachers)
         role = "student" if k == n else f"gen{k}"
