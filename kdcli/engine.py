@@ -98,13 +98,13 @@ class Teacher:
     student's class indices `class_map`."""
 
     model: nn.Module
-    scale: torch.Tensor  # per channel: x_teacher = x * scale + shift
-    shift: torch.Tensor
     class_map: torch.Tensor
+    scale: Optional[torch.Tensor] = None  # per channel: x_teacher = x * scale + shift; None: same inputs
+    shift: Optional[torch.Tensor] = None
     taps: Optional[Taps] = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x * self.scale + self.shift)
+        return self.model(x if self.scale is None else x * self.scale + self.shift)
 
 
 def _set_frozen(trainee: Trainee, epoch: int) -> None:

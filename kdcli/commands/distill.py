@@ -112,13 +112,18 @@ def obtain_teacher(cfg, data: DeviceData, ctx: Context) -> tuple:
                 },
             )
             path, source = figures["checkpoint"], "trained now"
+    asked = model_spec(cfg.teacher) if source == "teacher.ckpt" else None
+    return _load_teacher(path, source, data, dataset_cfg, ctx.device, asked)
+
+
+def _load_teacher(path, source: str, data: DeviceData, dataset_cfg: dict, device, asked=None) -> tuple:
+    """(frozen model in eval mode, checkpoint, path), after checking it fits this run's data
+    (and the architecture the command line asked for, if any)."""
     ckpt = checkpoint.load(path)
-    if source == "teacher.ckpt":
-        _check_teacher_arch(ckpt, Path(path), model_spec(cfg.teacher))
+    if asked is not None:
+        _check_teacher_arch(ckpt, Path(path), asked)
     _check_teacher_data(ckpt, Path(path), data, dataset_cfg)
-    model = checkpoint.build_from(ckpt, path).to(ctx.device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = checkpoint.build_from(ckpt, path).to(device).eval().requires_grad_(False)
     log.info(f"teacher  {checkpoint.describe(ckpt)} from {path} ({source})")
     return model, ckpt, str(path)
 
@@ -127,15 +132,7 @@ def obtain_teachers(cfg, data: DeviceData, ctx: Context) -> list[tuple]:
     """(model, checkpoint, path) of each teacher: teachers=[...] or the single teacher."""
     if not cfg.teachers:
         return [obtain_teacher(cfg, data, ctx)]
-    out = []
-    for path in cfg.teachers:
-        ckpt = checkpoint.load(path)
-        _check_teacher_data(ckpt, Path(path), data, dataset_config(cfg))
-        model = checkpoint.build_from(ckpt, path).to(ctx.device).eval()
-        model.requires_grad_(False)
-        log.info(f"teacher  {checkpoint.describe(ckpt)} from {path}")
-        out.append((model, ckpt, str(path)))
-    return out
+    return [_load_teacher(p, "teachers", data, dataset_config(cfg), ctx.device) for p in cfg.teachers]
 
 
 def frozen_teachers(loaded: list[tuple], data: DeviceData) -> list[Teacher]:
@@ -145,10 +142,14 @@ def frozen_teachers(loaded: list[tuple], data: DeviceData) -> list[Teacher]:
     out = []
     for model, ckpt, _ in loaded:
         info = ckpt["data"]
-        mean_s, std_s = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (data.info.mean, data.info.std))
-        mean_t, std_t = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (info["mean"], info["std"]))
-        class_map = torch.tensor([names.index(c) for c in info["class_names"]], device=device)
-        out.append(Teacher(model, std_s / std_t, (mean_s - mean_t) / std_t, class_map))
+        teacher = Teacher(model, torch.tensor([names.index(c) for c in info["class_names"]], device=device))
+        if info["mean"] != data.info.mean or info["std"] != data.info.std:
+            mean_s, std_s, mean_t, std_t = (
+                torch.tensor(v, device=device).view(1, -1, 1, 1)
+                for v in (data.info.mean, data.info.std, info["mean"], info["std"])
+            )
+            teacher.scale, teacher.shift = std_s / std_t, (mean_s - mean_t) / std_t
+        out.append(teacher)
     covered = set(torch.cat([t.class_map for t in out]).tolist())
     missing = [names[i] for i in range(len(names)) if i not in covered]
     if missing:
@@ -174,12 +175,12 @@ def _layers(node, key: str) -> list[str]:
 
 
 @torch.no_grad()
-def _tap_shapes(model, names: list[str], role: str, data: DeviceData, forward=None) -> list[tuple]:
+def _tap_shapes(model, names: list[str], role: str, data: DeviceData) -> list[tuple]:
     taps = Taps(model, names, role, data.info.input_shape)
     was_training = model.training
     model.eval()
     try:
-        (forward or model)(data.train.x[:2])
+        model(data.train.x[:2])
         values = taps.take()
         for name, v in zip(names, values):
             if v is None:
@@ -266,12 +267,12 @@ def run(cfg, ctx: Context) -> dict:
 
     data = device_data(cfg, ctx.device)
     results = methods.run(cfg, data, ctx)
-    _print_results(results, cfg)
+    _print_results(results)
     results.update(T=cfg.T, alpha=cfg.alpha, loss=cfg.loss.name, method=cfg.method.name, dataset=dataset_config(cfg))
     return results
 
 
-def _print_results(results: dict, cfg) -> None:
+def _print_results(results: dict) -> None:
     rows = []
     for r in results.values():
         if not isinstance(r, dict) or "label" not in r:

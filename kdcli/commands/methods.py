@@ -142,10 +142,7 @@ class Run:
 
 def _frozen(model, data: DeviceData) -> Teacher:
     """A model trained in this run as a frozen teacher: same inputs and classes as the student."""
-    one = torch.ones(1, device=data.device)
-    return Teacher(
-        model.eval().requires_grad_(False), one, 0 * one, torch.arange(data.info.num_classes).to(data.device)
-    )
+    return Teacher(model.eval().requires_grad_(False), torch.arange(data.info.num_classes).to(data.device))
 
 
 def _label(cfg) -> str:
