@@ -44,7 +44,7 @@ class TrainTeacherConfig(CommonConfig):
     optimizer: Any = MISSING
     scheduler: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    augment: bool = True  # dataset.shift / dataset.flip on the training split
+    augment: str = "standard"  # standard: dataset.shift / dataset.flip on the training split; none
 
 
 @dataclass
@@ -225,6 +225,14 @@ def _at_least(cfg, key: str, low: float, nullable: bool = False, strict: bool = 
     _check(ok, f"{key} must be a number {bound} (got {value!r}).")
 
 
+# augment= values: true/false are kept from earlier versions, where augment was a boolean.
+AUGMENT = {"standard": True, "true": True, "none": False, "false": False}
+
+
+def augmenting(cfg) -> bool:
+    return AUGMENT[str(cfg.augment).lower()]
+
+
 def validate(cfg: DictConfig, command: str) -> None:
     """Range and name checks that types alone cannot express. Raises KdError."""
     from kdcli.optim import OPTIMIZER_CLASSES, SCHEDULERS
@@ -240,6 +248,13 @@ def validate(cfg: DictConfig, command: str) -> None:
         _at_least(cfg, "dataset.val_size", 0, strict=True)
         _at_least(cfg, "dataset.limit", 1, nullable=True)
         _at_least(cfg, "dataset.shift", 0)
+        _at_least(cfg, "dataset.workers", 0, nullable=True)
+        storage = cfg.dataset.get("storage", "auto")
+        _check(storage in ("auto", "memory", "stream"), f"dataset.storage={storage}: choose auto, memory or stream.")
+        _check(
+            str(cfg.augment).lower() in AUGMENT,
+            f"augment={cfg.augment}: choose standard (the dataset's shifts/flips) or none.",
+        )
         _at_least(cfg, "trainer.label_smoothing", 0)
         _check(
             cfg.trainer.label_smoothing < 1,

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from kdcli import checkpoint
 from kdcli.data import DeviceData
 from kdcli.data.device import DeviceSplit
+from kdcli.data.stream import StreamData, StreamSplit
 from kdcli.errors import KdError
 from kdcli.losses.objective import Objective
 from kdcli.losses.taps import Taps
@@ -35,12 +36,19 @@ from kdcli.report import progress_bar
 log = logging.getLogger("kdcli")
 
 
+def batches(source, batch_size: int):
+    """The inputs of `source` batch by batch: a tensor, or a split (in memory or streamed)."""
+    if isinstance(source, torch.Tensor):
+        return (source[i : i + batch_size] for i in range(0, len(source), batch_size))
+    return source.batches(batch_size)
+
+
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Logits for every row of x, in eval mode, batch by batch."""
+def predict(model: nn.Module, source, batch_size: int) -> torch.Tensor:
+    """Logits for every input of `source` (a tensor or a split), in eval mode, batch by batch."""
     was_training = model.training
     model.eval()
-    out = torch.cat([model(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
+    out = torch.cat([model(x).float() for x in batches(source, batch_size)])
     model.train(was_training)
     return out
 
@@ -57,8 +65,8 @@ def agreement(logits: torch.Tensor, reference: torch.Tensor) -> float:
     return (logits.argmax(1) == reference.argmax(1)).float().mean().item()
 
 
-def evaluate(model: nn.Module, split: DeviceSplit, batch_size: int) -> dict:
-    return scores(predict(model, split.x, batch_size), split.y)
+def evaluate(model: nn.Module, split: DeviceSplit | StreamSplit, batch_size: int) -> dict:
+    return scores(predict(model, split, batch_size), split.y)
 
 
 @dataclass
@@ -130,7 +138,7 @@ def _forward(trainee: Trainee, x: torch.Tensor):
 
 def fit(
     trainees: list[Trainee] | Trainee,
-    data: DeviceData,
+    data: DeviceData | StreamData,
     cfg,
     *,
     run_dir: Path,

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from kdcli.config import model_spec
+from kdcli.config import augmenting, model_spec
 from kdcli.data import DeviceData, load_splits
 from kdcli.data.splits import SPLIT_VERSION
+from kdcli.data.stream import StreamData, open_data
 from kdcli.models import build_model
 
 log = logging.getLogger("kdcli")
@@ -30,14 +31,15 @@ def data_identity(dataset_cfg: dict) -> dict:
     return {k: dataset_cfg.get(k) for k in DATA_IDENTITY}
 
 
-def device_data(cfg, device: torch.device) -> DeviceData:
+def device_data(cfg, device: torch.device) -> DeviceData | StreamData:
     dcfg = dataset_config(cfg)
     splits = load_splits(dcfg, cfg.data_root)
-    shift, flip = (dcfg.get("shift", 0), dcfg.get("flip", False)) if cfg.augment else (0, False)
-    data = DeviceData(splits, device, shift=shift, flip=flip)
+    shift, flip = (dcfg.get("shift", 0), dcfg.get("flip", False)) if augmenting(cfg) else (0, False)
+    data = open_data(splits, device, shift, flip, dcfg.get("storage", "auto"), dcfg.get("workers"))
+    where = f"streamed ({data.workers} workers)" if isinstance(data, StreamData) else f"in memory on {device}"
     log.info(
         f"data     {dcfg['name']}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
-        f"input {data.info.input_shape}, {data.info.num_classes} classes, "
+        f"input {data.info.input_shape}, {data.info.num_classes} classes, {where}, "
         f"augmentation: {f'shift {shift}px' if shift else 'no shift'}{', flip' if flip else ''}"
     )
     return data
@@ -89,9 +91,10 @@ def latest_run(runs_dir: str | Path, command: str) -> Path | None:
     return runs[-1][0] if runs else None
 
 
-def checkpoint_data(data: dict, data_root: str, device: torch.device) -> DeviceData:
+def checkpoint_data(data: dict, data_root: str, device: torch.device) -> DeviceData | StreamData:
     """The splits a checkpoint's model was trained on, normalised as in its training (the
     statistics stored in the checkpoint)."""
-    splits = load_splits(data["dataset"], data_root)
+    dcfg = data["dataset"]
+    splits = load_splits(dcfg, data_root)
     splits.info.mean, splits.info.std = data["mean"], data["std"]
-    return DeviceData(splits, device)
+    return open_data(splits, device, storage=dcfg.get("storage", "auto"), workers=dcfg.get("workers"))

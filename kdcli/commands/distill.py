@@ -23,7 +23,7 @@ from kdcli.commands.common import (
 from kdcli.config import group_kwargs, model_spec
 from kdcli.data import DeviceData
 from kdcli.data.splits import SPLIT_VERSION
-from kdcli.engine import Teacher
+from kdcli.engine import Teacher, batches
 from kdcli.errors import KdError
 from kdcli.files import write_json, write_text
 from kdcli.losses import Objective, Schedule, Shapes
@@ -161,12 +161,11 @@ def frozen_teachers(loaded: list[tuple], data: DeviceData) -> list[Teacher]:
 
 
 @torch.no_grad()
-def teacher_logits(teachers: list[Teacher], objective: Objective, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def teacher_logits(teachers: list[Teacher], objective: Objective, source, batch_size: int) -> torch.Tensor:
     """The (merged) teachers' logits over the student's classes at T=1, batch by batch."""
-    chunks = []
-    for i in range(0, len(x), batch_size):
-        chunks.append(objective.teacher_logits([t(x[i : i + batch_size]) for t in teachers], 1.0).float())
-    return torch.cat(chunks)
+    return torch.cat(
+        [objective.teacher_logits([t(x) for t in teachers], 1.0).float() for x in batches(source, batch_size)]
+    )
 
 
 def _layers(node, key: str) -> list[str]:
@@ -180,7 +179,7 @@ def _tap_shapes(model, names: list[str], role: str, data: DeviceData) -> list[tu
     was_training = model.training
     model.eval()
     try:
-        model(data.train.x[:2])
+        model(data.train.head(2))
         values = taps.take()
         for name, v in zip(names, values):
             if v is None:

@@ -86,7 +86,9 @@ def run(cfg, ctx: Context) -> dict:
     ckpts = [(p, checkpoint.load(p)) for p in paths]
     data_info = _same_data(ckpts)
     split = checkpoint_data(data_info, cfg.data_root, ctx.device).split(cfg.split)
-    x, y = (split.x[: cfg.limit], split.y[: cfg.limit]) if cfg.limit else (split.x, split.y)
+    if cfg.limit:
+        split = split.subset(cfg.limit)
+    x, y = split, split.y
 
     logits = {}
     for path, ck in ckpts:

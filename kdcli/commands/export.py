@@ -87,7 +87,7 @@ def run(cfg, ctx: Context) -> dict:
     ck = checkpoint.load(path)
     model = checkpoint.build_from(ck, path).eval()
     test = checkpoint_data(ck["data"], cfg.data_root, torch.device("cpu")).test
-    x = test.x[: cfg.check_batches * cfg.batch_size]
+    x = test.head(cfg.check_batches * cfg.batch_size)
     reference = predict(model, x, cfg.batch_size).numpy()
 
     out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir else ctx.run_dir

@@ -77,7 +77,7 @@ class Run:
         )
 
     def record(self, role: str, label: str, res, spec: dict) -> None:
-        logits = predict(res.model, self.data.test.x, self.cfg.trainer.eval_batch_size)
+        logits = predict(res.model, self.data.test, self.cfg.trainer.eval_batch_size)
         entry = {"label": label, "arch": spec, "flops": count_flops(res.model, self.data.info.input_shape)}
         if self.reference is not None:
             entry["teacher_agreement"] = agreement(logits, self.reference)
@@ -98,7 +98,7 @@ class Run:
     def record_ensemble(self, label: str, models: list) -> None:
         """Test accuracy of the mean of the models' softmax outputs."""
         bs = self.cfg.trainer.eval_batch_size
-        probs = torch.stack([F.softmax(predict(m, self.data.test.x, bs), 1) for m in models]).mean(0)
+        probs = torch.stack([F.softmax(predict(m, self.data.test, bs), 1) for m in models]).mean(0)
         s = scores(probs.log(), self.data.test.y)
         self.results["ensemble"] = {
             "label": label,
@@ -173,7 +173,7 @@ def standard(run: Run) -> dict:
     loaded = obtain_teachers(cfg, data, run.ctx)
     teachers = frozen_teachers(loaded, data)
     objective = build_objective(cfg, data, run.student, teachers[0], teachers)
-    t_logits = teacher_logits(teachers, objective, data.test.x, cfg.trainer.eval_batch_size)
+    t_logits = teacher_logits(teachers, objective, data.test, cfg.trainer.eval_batch_size)
     extra = {}
     if len(loaded) == 1:
         model, ckpt, path = loaded[0]
@@ -239,7 +239,7 @@ def ta(run: Run) -> dict:
     loaded = obtain_teachers(cfg, data, run.ctx)
     teachers = frozen_teachers(loaded, data)
     objective = build_objective(cfg, data, run.student, None, teachers)
-    t_logits = teacher_logits(teachers, objective, data.test.x, cfg.trainer.eval_batch_size)
+    t_logits = teacher_logits(teachers, objective, data.test, cfg.trainer.eval_batch_size)
     run.record_teacher(
         "teacher",
         "+".join(c["arch"]["name"] for _, c, _ in loaded),
@@ -267,7 +267,7 @@ def born_again(run: Run) -> dict:
     model, spec = run.fresh_student()
     res = run.fit(run.trainee("scratch", model, labels_only(cfg, data.device), spec))
     run.record("scratch", "generation 0 (labels only) = scratch", res, spec)
-    run.reference = predict(res.model, data.test.x, cfg.trainer.eval_batch_size)
+    run.reference = predict(res.model, data.test, cfg.trainer.eval_batch_size)
     previous, generations = res.model, []
     n = int(cfg.method.generations)
     for k in range(1, n + 1):
@@ -332,12 +332,12 @@ def joint(run: Run) -> dict:
     run.record_teacher(
         "teacher, trained jointly",
         t_spec["name"],
-        predict(res["teacher"].model, data.test.x, cfg.trainer.eval_batch_size),
+        predict(res["teacher"].model, data.test, cfg.trainer.eval_batch_size),
         {**res["teacher"].metrics, "arch": t_spec, "flops": count_flops(res["teacher"].model, data.info.input_shape)},
     )
     run.record("student", f"student, distilled jointly ({_label(cfg)})", res["student"], run.spec)
     if "scratch" in run.results:  # trained before the teacher existed: measure agreement now
-        logits = predict(run.models["scratch"], data.test.x, cfg.trainer.eval_batch_size)
+        logits = predict(run.models["scratch"], data.test, cfg.trainer.eval_batch_size)
         run.results["scratch"]["teacher_agreement"] = agreement(logits, run.reference)
     return run.finish()
 

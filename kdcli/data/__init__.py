@@ -2,7 +2,7 @@
 train/val/test splits (validation carved from training with a fixed seed), and
 `DeviceData` keeps them normalised on the training device and batches them by index."""
 
-from kdcli.data import builtin  # noqa: F401  (registers the built-in datasets)
+from kdcli.data import builtin, folder  # noqa: F401  (registers the built-in datasets)
 from kdcli.data.device import DeviceData, augment_batch
 from kdcli.data.splits import DataInfo, Split, Splits, load_splits
 

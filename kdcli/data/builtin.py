@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdcli.data.formats import read_cifar, read_svhn
 from kdcli.data.splits import RawData, Split
 from kdcli.errors import KdError
 from kdcli.registry import DATASETS
@@ -83,3 +84,29 @@ def fashion_mnist(data_root: str, *, download: bool = True) -> RawData:
     from torchvision.datasets import FashionMNIST
 
     return _torchvision_idx(FashionMNIST, data_root, download, DEBIAN_FASHION_MNIST)
+
+
+@DATASETS.register("kmnist")
+def kmnist(data_root: str, *, download: bool = True) -> RawData:
+    """Kuzushiji-MNIST (Clanuwat et al. 2018), 60k/10k cursive Japanese characters, from data_root/KMNIST/raw."""
+    from torchvision.datasets import KMNIST
+
+    return _torchvision_idx(KMNIST, data_root, download)
+
+
+@DATASETS.register("cifar10")
+def cifar10(data_root: str, *, download: bool = True) -> RawData:
+    """CIFAR-10 (Krizhevsky 2009), 50k/10k 32x32 colour images, from data_root/cifar-10-batches-py."""
+    return read_cifar(data_root, 10, download)
+
+
+@DATASETS.register("cifar100")
+def cifar100(data_root: str, *, download: bool = True) -> RawData:
+    """CIFAR-100 (Krizhevsky 2009), 50k/10k 32x32 colour images of 100 classes, from data_root/cifar-100-python."""
+    return read_cifar(data_root, 100, download)
+
+
+@DATASETS.register("svhn")
+def svhn(data_root: str, *, download: bool = True, extra: bool = False) -> RawData:
+    """SVHN (Netzer et al. 2011), 73k/26k 32x32 house-number digits (+531k with extra=true), from data_root/SVHN."""
+    return read_svhn(data_root, download, extra)

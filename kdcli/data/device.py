@@ -19,6 +19,16 @@ class DeviceSplit:
     def __len__(self) -> int:
         return len(self.y)
 
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        for i in range(0, len(self), batch_size):
+            yield self.x[i : i + batch_size]
+
+    def head(self, n: int) -> torch.Tensor:
+        return self.x[:n]
+
+    def subset(self, n: int) -> "DeviceSplit":
+        return DeviceSplit(self.x[:n], self.y[:n])
+
 
 def normalise(x_uint8: torch.Tensor, info: DataInfo, device) -> torch.Tensor:
     mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)

@@ -11,11 +11,22 @@ from kdcli.registry import DATASETS
 
 # Keys that every dataset config has (the rest go to the dataset's builder), with the defaults
 # of a dataset registered in code without a YAML file in configs/dataset/.
-COMMON_DEFAULTS = {"val_size": 0.1, "split_seed": 0, "classes": None, "limit": None, "shift": 0, "flip": False}
+COMMON_DEFAULTS = {
+    "val_size": 0.1,
+    "split_seed": 0,
+    "classes": None,
+    "limit": None,
+    "shift": 0,
+    "flip": False,
+    "storage": "auto",
+    "workers": None,
+}
 COMMON_KEYS = ("name", *COMMON_DEFAULTS)
 # Bumped when the same dataset config starts to give other splits (2: validation images are
 # chosen before a class subset is taken), so older teacher runs are not reused by mistake.
 SPLIT_VERSION = 2
+# Images decoded to estimate the mean and std of a dataset read from files.
+STATS_SAMPLE = 500
 
 
 @dataclass
@@ -55,9 +66,10 @@ class Splits:
 
 @dataclass
 class RawData:
-    """What a dataset builder returns: uint8 images (N, C, H, W) and int64 labels."""
+    """What a dataset builder returns: uint8 images (N, C, H, W) and int64 labels, or image
+    files (kdcli.data.folder.FileSplit) that are decoded when needed."""
 
-    train: Split
+    train: Split  # or FileSplit
     test: Split
     class_names: list[str]
 
@@ -80,10 +92,12 @@ def _select_classes(names: list[str], classes):
     remap = torch.full((len(names),), -1, dtype=torch.long)
     remap[torch.tensor(chosen)] = torch.arange(len(chosen))
 
-    def keep(split: Split) -> Split:
+    def keep(split):
         new = remap[split.y]
-        mask = new >= 0
-        return Split(split.x[mask], new[mask])
+        idx = (new >= 0).nonzero().flatten()
+        out = split.take(idx)
+        out.y = new[idx]
+        return out
 
     return keep, [names[i] for i in chosen]
 
@@ -93,6 +107,17 @@ def _carve(n: int, size: float | int) -> int:
     if not 0 < count < n:
         raise KdError(f"dataset.val_size={size} leaves no training or no validation data ({n} training images).")
     return count
+
+
+def _sample_pixels(train, cfg: dict, g: torch.Generator) -> torch.Tensor:
+    """Training pixels in [0, 1] for the normalisation statistics: all of an in-memory split,
+    STATS_SAMPLE random images of a split of files (decoded here)."""
+    if isinstance(train, Split):
+        return train.x.float().div_(255)
+    from kdcli.data.stream import check_workers, decode_all
+
+    sample = train.take(torch.randperm(len(train), generator=g)[:STATS_SAMPLE])
+    return decode_all(sample, check_workers(cfg.get("workers")), "sample").x.float().div_(255)
 
 
 def load_splits(cfg: dict, data_root: str) -> Splits:
@@ -116,10 +141,10 @@ def load_splits(cfg: dict, data_root: str) -> Splits:
         limit = int(cfg["limit"])
         train, val, test = (s.take(torch.randperm(len(s), generator=g)[:limit]) for s in (train, val, test))
 
-    pixels = train.x.float().div_(255)
+    pixels = _sample_pixels(train, cfg, g)
     info = DataInfo(
         name=cfg["name"],
-        input_shape=list(train.x.shape[1:]),
+        input_shape=list(pixels.shape[1:]),
         num_classes=len(class_names),
         class_names=class_names,
         mean=pixels.mean(dim=(0, 2, 3)).tolist(),
