@@ -143,7 +143,7 @@ def _check_overrides(command: str, parsed: list) -> list[str]:
             continue
         parent, leaf = o.key_or_group.rsplit(".", 1)
         node = OmegaConf.select(cfg, parent)
-        if not isinstance(node, DictConfig) or leaf in node:
+        if not isinstance(node, DictConfig) or leaf in node.keys():  # `in node` is False for ??? values
             continue
         # `+` may add a keyword that the torch optimizer takes (checked when it is built); any
         # other unknown key would be ignored, so it is refused like a typo.

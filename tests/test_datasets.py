@@ -216,3 +216,12 @@ def test_known_dataset_shapes():
     assert dataset_shape("kmnist") == ([1, 28, 28], 10)
     assert dataset_shape("imagefolder") is None
 
+
+
+def test_a_teacher_is_reused_only_for_the_same_images():
+    from kdcli.commands.common import data_identity
+
+    a = {"name": "imagefolder", "root": "/a", "image_size": 32, "val_size": 0.1, "shift": 4, "storage": "auto"}
+    assert data_identity(a) == data_identity({**a, "shift": 0, "flip": True, "storage": "stream", "workers": 2})
+    assert data_identity(a) != data_identity({**a, "root": "/b"})
+    assert data_identity(a) != data_identity({**a, "image_size": 64})

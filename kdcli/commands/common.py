@@ -18,9 +18,10 @@ from kdcli.models import build_model
 
 log = logging.getLogger("kdcli")
 
-# Dataset keys that decide which images land in which split: a teacher is reusable for a
-# student only if these agree (augmentation settings may differ).
-DATA_IDENTITY = ("name", "val_size", "split_seed", "classes", "limit")
+# Dataset keys that do not change which images land in which split (augmentation, how the data
+# is read): a teacher is reusable for a student only if all the other keys agree (name, split,
+# classes, and a builder's own keys such as imagefolder's root and image_size).
+NOT_IDENTITY = ("shift", "flip", "storage", "workers", "download")
 
 
 def dataset_config(cfg) -> dict:
@@ -28,7 +29,7 @@ def dataset_config(cfg) -> dict:
 
 
 def data_identity(dataset_cfg: dict) -> dict:
-    return {k: dataset_cfg.get(k) for k in DATA_IDENTITY}
+    return {k: v for k, v in dataset_cfg.items() if k not in NOT_IDENTITY}
 
 
 def device_data(cfg, device: torch.device) -> DeviceData | StreamData:

@@ -73,7 +73,9 @@ def _same_data(ckpts: list[tuple[Path, dict]]) -> dict:
     for path, ck in ckpts[1:]:
         theirs, ours = key(ck["data"]), key(first["data"])
         if theirs != ours:
-            diff = ", ".join(f"{k}: {ours[k]} vs {theirs[k]}" for k in ours if ours[k] != theirs[k])
+            diff = ", ".join(
+                f"{k}: {ours.get(k)} vs {theirs.get(k)}" for k in {**ours, **theirs} if ours.get(k) != theirs.get(k)
+            )
             raise KdError(
                 f"{path} and {first_path} were trained on different data ({diff}); evaluate compares models on "
                 "one split of one dataset at a time."
