@@ -95,6 +95,15 @@ def _values(o) -> list[str]:
     return list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
 
 
+def _collapse_families(options: list[str]) -> list[str]:
+    """Group options: a family of models (tv_*) shows as one entry."""
+    from kdcli.registry import MODELS
+
+    prefixes = MODELS.families()
+    kept = [o for o in options if not any(o.startswith(p) for p in prefixes)]
+    return kept + [f"{p}<name> (kd list models '{p}*')" for p in prefixes if any(o.startswith(p) for o in options)]
+
+
 def _check_overrides(command: str, parsed: list) -> list[str]:
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -131,7 +140,7 @@ def _check_overrides(command: str, parsed: list) -> list[str]:
                         if v not in options:
                             raise KdError(
                                 f"Unknown {top} '{v}'.{did_you_mean(v, options)} "
-                                f"Options for {top}: {', '.join(options)}."
+                                f"Options for {top}: {', '.join(_collapse_families(options))}."
                             )
                 selections.append(f"{o.key_or_group}={_values(o)[0]}")
         try:

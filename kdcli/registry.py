@@ -15,6 +15,8 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import types
+import typing
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -31,10 +33,22 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
 _TYPES = {int: int, float: (int, float), bool: bool, str: str, list: (list, tuple)}
 
 
+def _expected(annotation: Any) -> tuple | None:
+    """The classes a value of a parameter so annotated may take; None when it is not checked.
+    A union (`bool | str`) takes any of its members'."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    members = typing.get_args(annotation) if union else (annotation,)
+    if not all(m in _TYPES for m in members):
+        return None
+    return tuple(t for m in members for t in (_TYPES[m] if isinstance(_TYPES[m], tuple) else (_TYPES[m],)))
+
+
 class Registry:
     def __init__(self, kind: str):
         self.kind = kind
         self._builders: dict[str, Callable[..., Any]] = {}
+        # prefix -> (builder taking the rest of the name first, lister of those rests, describer of one)
+        self._families: dict[str, tuple[Callable[..., Any], Callable[[], Iterable[str]], Callable | None]] = {}
 
     def register(self, name: str | None = None) -> Callable:
         def deco(fn: Callable) -> Callable:
@@ -46,20 +60,57 @@ class Registry:
 
         return deco
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._builders
+    def register_family(
+        self, prefix: str, lister: Callable[[], Iterable[str]], describe: Callable[[str], str] | None = None
+    ) -> Callable:
+        """Register `fn(member, *args, **kwargs)` under every name `prefix + member`, for the
+        members that `lister()` returns. The lister runs only when a name of the family is looked
+        up or the names are listed, so a family that is costly to enumerate (torchvision's
+        models: importing torchvision takes seconds) costs nothing at import. `describe(member)`
+        gives a member's summary line (default: the first line of fn's docstring)."""
 
-    def names(self, pattern: str = "*") -> list[str]:
-        return sorted(n for n in self._builders if fnmatch.fnmatch(n, pattern))
+        def deco(fn: Callable) -> Callable:
+            if prefix in self._families and self._families[prefix][0] is not fn:
+                raise ValueError(f"{self.kind} family '{prefix}*' is registered twice")
+            self._families[prefix] = (fn, lister, describe)
+            return fn
+
+        return deco
+
+    def families(self) -> dict[str, Callable[..., Any]]:
+        """prefix -> the family's builder (its docstring and keyword parameters describe every member)."""
+        return {prefix: fn for prefix, (fn, _, _) in self._families.items()}
+
+    def _members(self, prefix: str) -> list[str]:
+        return [prefix + m for m in self._families[prefix][1]()]
+
+    def _family_of(self, name: str) -> str | None:
+        prefix = next((p for p in self._families if name.startswith(p)), None)
+        return prefix if prefix is not None and name in self._members(prefix) else None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._builders or self._family_of(name) is not None
+
+    def names(self, pattern: str = "*", families: bool = True) -> list[str]:
+        """Registered names matching the glob `pattern`; with families=False, without the
+        members of the families (which enumerates none of them)."""
+        names = list(self._builders)
+        for prefix in self._families if families else ():
+            names += self._members(prefix)
+        return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
 
     def get(self, name: str) -> Callable[..., Any]:
-        if name not in self._builders:
+        if name in self._builders:
+            return self._builders[name]
+        prefix = self._family_of(name)
+        if prefix is None:
+            available = self.names(families=False) + [f"{p}<name> (kd list '{p}*')" for p in self._families]
             raise KdError(
-                f"Unknown {self.kind} '{name}'.{did_you_mean(name, self._builders)} "
-                f"Available: {', '.join(self.names())}. "
+                f"Unknown {self.kind} '{name}'.{did_you_mean(name, self.names())} "
+                f"Available: {', '.join(available)}. "
                 f"Your own {self.kind}s join with imports=[your_module] (see `kd list`)."
             )
-        return self._builders[name]
+        return _member(self._families[prefix][0], name[len(prefix) :])
 
     def params(self, name: str) -> dict[str, Any]:
         """Keyword parameters of a builder with their defaults ('???' when required)."""
@@ -84,19 +135,36 @@ class Registry:
         for key, value in kwargs.items():
             if value == "???":
                 raise KdError(f"{self.kind} '{name}' needs a value for '{key}' (it has no default).")
-            expected = _TYPES.get(params[key].annotation)
+            annotation = params[key].annotation
+            expected = _expected(annotation)
             if expected and value is not None and not isinstance(value, expected):
-                raise KdError(
-                    f"{self.kind} '{name}': '{key}' takes {params[key].annotation.__name__} values; got {value!r}."
-                )
+                kind = getattr(annotation, "__name__", None) if isinstance(annotation, type) else str(annotation)
+                raise KdError(f"{self.kind} '{name}': '{key}' takes {kind} values; got {value!r}.")
         try:
             return fn(*args, **kwargs)
         except (TypeError, ValueError) as e:
             raise KdError(f"Cannot build {self.kind} '{name}' with {kwargs}: {e}") from None
 
     def summary(self, name: str) -> str:
+        prefix = None if name in self._builders else self._family_of(name)
+        if prefix is not None and self._families[prefix][2] is not None:
+            return self._families[prefix][2](name[len(prefix) :])
         doc = inspect.getdoc(self.get(name)) or ""
         return doc.splitlines()[0] if doc else ""
+
+
+def _member(fn: Callable[..., Any], member: str) -> Callable[..., Any]:
+    """The builder of one member of a family: `fn` with the member's name bound, with fn's
+    signature (less that first parameter) and docstring, so params(), build() and summary()
+    treat it as any other builder."""
+
+    def build(*args: Any, **kwargs: Any) -> Any:
+        return fn(member, *args, **kwargs)
+
+    signature = inspect.signature(fn, eval_str=True)
+    build.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
+    build.__doc__ = fn.__doc__
+    return build
 
 
 MODELS = Registry("model")

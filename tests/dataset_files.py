@@ -80,7 +80,9 @@ def svhn(root: Path, n_train: int = 60, n_test: int = 20, seed: int = 0) -> Path
     for name, n in (("train", n_train), ("test", n_test)):
         digits = np.arange(n) % 10
         x = rng.integers(0, 50, (32, 32, 3, n)) + (digits * 20)[None, None, None, :]
-        savemat(folder / f"{name}_32x32.mat", {"X": x.astype(np.uint8), "y": np.where(digits == 0, 10, digits)[:, None]})
+        savemat(
+            folder / f"{name}_32x32.mat", {"X": x.astype(np.uint8), "y": np.where(digits == 0, 10, digits)[:, None]}
+        )
     return folder
 
 

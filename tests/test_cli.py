@@ -21,7 +21,8 @@ def test_unknown_subcommand_exits_2_with_the_list(kd):
     "args,message",
     [
         (["studnet=mlp"], "Unknown key 'studnet' in 'studnet=mlp'. Did you mean 'student'?"),
-        (["student=mpl"], "Unknown student 'mpl'. Did you mean 'mlp'? Options for student: convnet, lenet5, mlp."),
+        (["student=mpl"], "Unknown student 'mpl'. Did you mean 'mlp'? Options for student: convnet, lenet5, mlp,"),
+        (["teacher=tv_resnet81"], "Unknown teacher 'tv_resnet81'. Did you mean 'tv_resnet18'?"),
         (["trainer.epohcs=3"], "Unknown key 'trainer.epohcs'. Did you mean 'trainer.epochs'?"),
         (["student=lenet5", "student.hidden=[8]"], "Unknown key 'student.hidden'. Keys of student: name."),
         (["-m", "T=1,2", "optimizer=sgdd"], "Unknown optimizer 'sgdd'. Did you mean 'sgd'?"),
@@ -31,7 +32,7 @@ def test_unknown_subcommand_exits_2_with_the_list(kd):
         (["teacher.ckpt=missing.pt"], "Checkpoint not found: missing.pt"),
         (["+trainer.epoch=5"], "Unknown key 'trainer.epoch'. Did you mean 'trainer.epochs'?"),
         (["+newkey=1"], "Unknown key 'newkey' in '+newkey=1'."),
-        (["teacher=null"], "Unknown teacher 'null'. Options for teacher: convnet, lenet5, mlp."),
+        (["teacher=null"], "Unknown teacher 'null'. Options for teacher: convnet, lenet5, mlp,"),
         (["~T"], "'~T': kd distill needs T; set another value instead."),
         (["imports=my.py"], "imports takes a list: imports=[my.py]."),
         (["student.hidden=64"], "model 'mlp': 'hidden' takes list values; got 64."),

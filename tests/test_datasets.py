@@ -217,7 +217,6 @@ def test_known_dataset_shapes():
     assert dataset_shape("imagefolder") is None
 
 
-
 def test_a_teacher_is_reused_only_for_the_same_images():
     from kdcli.commands.common import data_identity
 

@@ -1,14 +1,22 @@
-"""kd list [models|losses|features|methods|datasets] [imports=...]: what the registries hold."""
+"""kd list [models|losses|features|methods|datasets] ['PATTERN'] [dataset=NAME | input=C,H,W classes=N]
+[imports=...]: what the registries hold; models with their weights and forward FLOPs for one input."""
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
+import inspect
+
+import torch.nn as nn
+
 from kdcli.errors import KdError
-from kdcli.models import build_model, count_params
+from kdcli.models import build_model, count_flops, count_params
 from kdcli.registry import (
     DATASETS,
     FEATURE_LOSSES,
     LOSSES,
     MODELS,
+    did_you_mean,
     import_user_modules,
     load_builtins,
     load_plugins,
@@ -16,7 +24,13 @@ from kdcli.registry import (
 from kdcli.report import console, table
 
 KINDS = {"models": MODELS, "losses": LOSSES, "features": FEATURE_LOSSES, "methods": None, "datasets": DATASETS}
-USAGE = "usage: kd list [models|losses|features|methods|datasets] [imports=[module_or_file.py,...]]"
+USAGE = (
+    "usage: kd list [models|losses|features|methods|datasets] ['PATTERN' ...] [dataset=NAME] "
+    "[input=C,H,W classes=N] [imports=[module_or_file.py,...]]\n"
+    "  PATTERN  a glob on the names, quoted: kd list models 'tv_res*'\n"
+    "  dataset  the input for which models are counted (weights, forward FLOPs); default mnist5k\n"
+    "  input, classes  that input given directly: kd list models input=3,224,224 classes=1000"
+)
 CHOOSE = {
     "models": "teacher=NAME / student=NAME",
     "losses": "loss=NAME, on the logits",
@@ -33,46 +47,176 @@ METHOD_TEXT = {
 }
 
 
-def _params(registry, name: str) -> str:
-    return ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in registry.params(name).items()) or "-"
+def _format(params: dict) -> str:
+    return ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in params.items()) or "-"
+
+
+def _keywords(fn) -> dict:
+    """Keyword parameters of a family's builder, as Registry.params gives them for a member."""
+    params = inspect.signature(fn).parameters.values()
+    return {p.name: "???" if p.default is p.empty else p.default for p in params if p.kind == p.KEYWORD_ONLY}
+
+
+def count(n: int) -> str:
+    """1,234 below 100k, then 0.27M, 41.2M, 387M, 1.66G."""
+    if n < 100_000:
+        return f"{n:,}"
+    unit, scale = next((u, s) for u, s in (("T", 1e12), ("G", 1e9), ("M", 1e6)) if n >= s or u == "M")
+    value = n / scale
+    return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f}{unit}"
+
+
+@contextlib.contextmanager
+def empty_weights():
+    """Modules built inside keep their parameters and buffers on the meta device: shapes without
+    memory or initialisation, so counting a 600M-parameter torchvision model takes a fraction of
+    a second instead of a minute and gigabytes. (A `torch.device("meta")` context would also move
+    the builders' own arithmetic there, which fails where they read its values: RegNets.)"""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter(self, name, param):
+        register_parameter(self, name, None if param is None else nn.Parameter(param.to("meta"), param.requires_grad))
+
+    def buffer(self, name, tensor, persistent=True):
+        register_buffer(self, name, None if tensor is None else tensor.to("meta"), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+
+
+def measure(name: str, input_shape, num_classes: int) -> tuple[int, int]:
+    """(weights, forward FLOPs for one input) of a registered model."""
+    try:
+        with empty_weights():
+            model = build_model(name, input_shape, num_classes)
+        return count_params(model), count_flops(model, input_shape)
+    except Exception:  # a model that reads tensor values while it is built or run: build it for real
+        model = build_model(name, input_shape, num_classes)
+        return count_params(model), count_flops(model, input_shape)
+
+
+def _shape(value: str) -> tuple[int, int, int]:
+    parts = value.strip("[]()").replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise KdError(f"input={value}: give channels, height and width, e.g. input=3,32,32.")
+    return shape
+
+
+def model_input(dataset: str, shape: tuple | None, classes: int | None) -> tuple[tuple, int]:
+    """(input_shape, num_classes) for `kd list models`: the dataset's, unless given."""
+    from kdcli.data.shapes import dataset_shape
+
+    known = dataset_shape(dataset)
+    if known is None and dataset not in DATASETS:
+        DATASETS.get(dataset)  # raises: unknown dataset, with the names that exist
+    if known is None and (shape is None or classes is None):
+        raise KdError(
+            f"dataset={dataset}: its input shape and class count depend on its files, so kd list cannot tell them; "
+            "give them instead, e.g. kd list models input=3,64,64 classes=N."
+        )
+    return shape or tuple(known[0]), classes or known[1]
+
+
+def _matching(names, patterns: list[str]) -> list[str]:
+    return sorted({n for p in patterns for n in fnmatch.filter(names, p)})
+
+
+def _model_rows(names: list[str], families: dict, input_shape, num_classes: int) -> tuple[list, list[str]]:
+    rows, notes = [], []
+    with console.status("") as status:
+        for name in names:
+            status.update(f"counting weights and FLOPs of {name}")
+            row = [name, _format(MODELS.params(name)), "-", "-", MODELS.summary(name)]
+            try:
+                weights, flops = measure(name, input_shape, num_classes)
+                row[2:4] = count(weights), count(flops)
+            except KdError as e:
+                notes.append(str(e) if name in str(e) else f"{name}: {e}")
+            except Exception as e:  # a user's model may need other inputs or required kwargs
+                first = (str(e).strip().splitlines() or [""])[0]
+                notes.append(f"{name}: {type(e).__name__}: {first}")
+            rows.append(row)
+    for prefix, fn in families.items():
+        doc = (inspect.getdoc(fn) or "").splitlines()
+        text = f"{doc[0] if doc else ''} kd list models '{prefix}*' lists and counts them."
+        rows.append([f"{prefix}<name>", _format(_keywords(fn)), "-", "-", text])
+    return rows, notes
 
 
 def main(args: list[str]) -> int:
-    kinds, imports = [], []
+    kinds, patterns, imports, words = [], [], [], []
+    dataset, shape, classes = "mnist5k", None, None
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return 0
     for a in args:
-        if a.startswith("imports="):
-            value = a.split("=", 1)[1].strip("[]")
-            imports += [v.strip() for v in value.split(",") if v.strip()]
+        key, _, value = a.partition("=")
+        if key == "imports" and value:
+            imports += [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+        elif key == "dataset" and value:
+            dataset = value
+        elif key == "input" and value:
+            shape = _shape(value)
+        elif key == "classes" and value:
+            if not value.isdigit() or int(value) < 1:
+                raise KdError(f"classes={value}: give the number of classes, e.g. classes=10.")
+            classes = int(value)
         elif a in KINDS:
             kinds.append(a)
+        elif "=" not in a:
+            words.append(a)
         else:
-            raise KdError(f"kd list: unknown argument '{a}'. {USAGE}")
+            raise KdError(f"kd list: unknown argument '{a}'.\n{USAGE}")
     import_user_modules(imports)
     load_builtins()
     load_plugins()
+    from kdcli.config import METHODS
 
+    # A word is a glob pattern, or one name; anything else is a typo (of a kind, most likely).
+    names = [n for r in KINDS.values() if r is not None for n in r.names()] + list(METHODS) if words else []
+    for w in words:
+        if not any(c in w for c in "*?[") and w not in names:
+            raise KdError(f"kd list: unknown argument '{w}'.{did_you_mean(w, list(KINDS) + names)}\n{USAGE}")
+        patterns.append(w)
+
+    shown = 0
     for kind in kinds or list(KINDS):
         registry = KINDS[kind]
         if registry is None:
-            from kdcli.config import METHODS
-
-            rows = [[n, ", ".join(f"{k}={v}" for k, v in p.items()) or "-", METHOD_TEXT[n]] for n, p in METHODS.items()]
-            console.print(table(f"{kind} ({CHOOSE[kind]})", ["name", "parameters", "description"], rows))
+            names = _matching(METHODS, patterns) if patterns else list(METHODS)
+            rows = [[n, _format(METHODS[n]), METHOD_TEXT[n]] for n in names]
+            columns, title = ["name", "parameters", "description"], f"{kind} ({CHOOSE[kind]})"
+        elif kind == "models":
+            input_shape, num_classes = model_input(dataset, shape, classes)
+            names = _matching(registry.names(), patterns) if patterns else registry.names(families=False)
+            rows, notes = _model_rows(names, {} if patterns else registry.families(), input_shape, num_classes)
+            columns = ["name", "parameters", "weights", "FLOPs", "description"]
+            size = "x".join(map(str, input_shape))
+            title = f"{kind} ({CHOOSE[kind]}); weights and forward FLOPs for one {size} input, {num_classes} classes"
+            title += f" ({dataset})" if shape is None and classes is None else ""
+        else:
+            names = _matching(registry.names(), patterns) if patterns else registry.names()
+            rows = [[n, _format(registry.params(n)), registry.summary(n)] for n in names]
+            columns, title = ["name", "parameters", "description"], f"{kind} ({CHOOSE[kind]})"
+        if patterns and not rows:
             continue
-        rows = []
-        for name in registry.names():
-            row = [name, _params(registry, name), registry.summary(name)]
-            if kind == "models":
-                try:
-                    row.insert(2, f"{count_params(build_model(name, (1, 28, 28), 10)):,}")
-                except Exception:  # a user model may need other inputs or required kwargs
-                    row.insert(2, "-")
-            rows.append(row)
-        columns = ["name", "parameters", "description"]
-        if kind == "models":
-            columns.insert(2, "weights (1x28x28, 10 classes)")
-        console.print(table(f"{kind} ({CHOOSE[kind]})", columns, rows))
+        t = table(title, columns, rows)
+        for column in t.columns[2:4] if kind == "models" else ():
+            column.justify = "right"  # counts with units (0.96M) that table() does not take for numbers
+        console.print(t)
+        if kind == "models" and notes:
+            console.print(f"Not counted for {size} inputs:", highlight=False)
+            for note in notes:
+                console.print(f"  {note}", highlight=False, markup=False)
+        shown += 1
+    if not shown:
+        among = f" among the {', '.join(kinds)}" if kinds else ""
+        raise KdError(f"kd list: no name{among} matches {' or '.join(patterns)}.")
     return 0

@@ -1,7 +1,9 @@
 """Forward hooks that keep the outputs of named modules, so feature losses need no change to
 the models. A layer is named as in `model.named_modules()` (`conv2`, `layer3.1`, `0`...);
 `penultimate` (the default) is the input of the model's last nn.Linear, the embedding that
-relational losses (rkd, pkt, crd) use."""
+relational losses (rkd, pkt, crd) use. A model may also name its stages in an attribute
+`kd_stages` (alias -> module name, e.g. {"layer3": "features.6"}, as the tv_ models do), so
+`layer3` means the same stage across families; an alias never hides a real module."""
 
 from __future__ import annotations
 
@@ -19,9 +21,22 @@ def _last_linear(model: nn.Module) -> nn.Module | None:
     return linears[-1] if linears else None
 
 
+def stage_aliases(model: nn.Module) -> dict[str, str]:
+    """The model's stage aliases (`kd_stages`: alias -> module name) that name a module and hide none."""
+    modules = dict(model.named_modules())
+    return {a: n for a, n in (getattr(model, "kd_stages", None) or {}).items() if a not in modules and n in modules}
+
+
+def named_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's named submodules and its stage aliases."""
+    modules = dict(model.named_modules())
+    return {**{a: modules[n] for a, n in stage_aliases(model).items()}, **modules}
+
+
 @torch.no_grad()
 def layer_shapes(model: nn.Module, input_shape) -> dict[str, tuple]:
-    """Output shape (without batch) of every named submodule for one input."""
+    """Output shape (without batch) of every named submodule for one input; stage aliases
+    (`kd_stages`) come first, with the shape of the module they name."""
     shapes, handles = {}, []
 
     def keep(name):
@@ -43,11 +58,13 @@ def layer_shapes(model: nn.Module, input_shape) -> dict[str, tuple]:
         model.train(was_training)
         for h in handles:
             h.remove()
-    return shapes
+    aliases = {a: shapes[n] for a, n in stage_aliases(model).items() if n in shapes}
+    return {**aliases, **shapes}
 
 
 def describe_layers(model: nn.Module, input_shape) -> str:
-    return ", ".join(f"{n} {s}" for n, s in layer_shapes(model, input_shape).items())
+    shapes, aliases = layer_shapes(model, input_shape), stage_aliases(model)
+    return ", ".join(f"{n}{f' (= {aliases[n]})' if n in aliases else ''} {s}" for n, s in shapes.items())
 
 
 class Taps:
@@ -59,7 +76,7 @@ class Taps:
         self.names = list(names)
         self.values: list[torch.Tensor | None] = [None] * len(self.names)
         self.handles = []
-        modules = dict(model.named_modules())
+        modules = named_layers(model)
         for i, name in enumerate(self.names):
             if name == PENULTIMATE:
                 linear = _last_linear(model)

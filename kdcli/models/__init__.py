@@ -3,7 +3,7 @@ with stably named submodules."""
 
 import torch.nn as nn
 
-from kdcli.models import cnn, mlp  # noqa: F401  (registers the built-in models)
+from kdcli.models import cnn, mlp, mobile, resnet, tv, vgg  # noqa: F401  (registers the built-in models)
 from kdcli.registry import MODELS
 
 
