@@ -49,6 +49,8 @@ def test_a_paper_pair_distills_on_each_file_format(kd, dataset):
     assert ckpt["arch"]["name"] == student and ckpt["data"]["class_names"][:2] == names
     if dataset == "imagefolder":
         assert "streamed" in r.stdout + r.stderr and ckpt["data"]["input_shape"] == [3, 32, 32]
+        # The root given relative to the current directory is stored absolute.
+        assert ckpt["data"]["dataset"]["root"] == str((kd.dir / "data" / "photos").resolve())
 
 
 def test_feature_distillation_on_named_stages_across_the_zoo(kd):

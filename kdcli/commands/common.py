@@ -25,7 +25,14 @@ NOT_IDENTITY = ("shift", "flip", "storage", "workers", "download")
 
 
 def dataset_config(cfg) -> dict:
-    return OmegaConf.to_container(cfg.dataset, resolve=True)
+    """The dataset config as a dict; a folder given relative to the current directory (an
+    imagefolder's root) is made absolute, so checkpoints and teacher reuse do not depend on
+    where kd ran."""
+    dcfg = OmegaConf.to_container(cfg.dataset, resolve=True, throw_on_missing=False)
+    root = dcfg.get("root")
+    if isinstance(root, str) and root != "???" and Path(root).expanduser().is_dir():
+        dcfg["root"] = str(Path(root).expanduser().resolve())
+    return dcfg
 
 
 def data_identity(dataset_cfg: dict) -> dict:
