@@ -68,7 +68,13 @@ def load(path: str | Path) -> dict:
 def build_from(ckpt: dict, path: str | Path = "<checkpoint>") -> nn.Module:
     """Rebuild the model a checkpoint describes and load its weights."""
     arch, data = ckpt["arch"], ckpt["data"]
-    model = build_model(arch["name"], data["input_shape"], data["num_classes"], arch.get("kwargs"))
+    from kdcli.models.tv import WEIGHTS_FROM_CHECKPOINT
+
+    token = WEIGHTS_FROM_CHECKPOINT.set(True)  # no download of pretrained weights that are replaced here
+    try:
+        model = build_model(arch["name"], data["input_shape"], data["num_classes"], arch.get("kwargs"))
+    finally:
+        WEIGHTS_FROM_CHECKPOINT.reset(token)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

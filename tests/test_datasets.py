@@ -195,7 +195,8 @@ def test_stream_crops_pad_with_black_like_the_in_memory_path(tmp_path):
 
     # Shifts are uniform in -4..4 on each axis: an image stays in place with probability 1/81.
     assert batch.shape == (12, 3, 16, 16) and sum(padded(img) for img in batch) >= 9  # 14 images: 3 batches
-    assert not any(padded(img) for img in memory.train.x)
+    # What the engine reads of the training split (evaluation, feature shapes) is not augmented.
+    assert torch.allclose(streamed.train.head(14), memory.train.x, atol=1e-6)
 
 
 def test_auto_storage_streams_what_exceeds_the_memory_budget(tmp_path, monkeypatch):
@@ -224,3 +225,81 @@ def test_a_teacher_is_reused_only_for_the_same_images():
     assert data_identity(a) == data_identity({**a, "shift": 0, "flip": True, "storage": "stream", "workers": 2})
     assert data_identity(a) != data_identity({**a, "root": "/b"})
     assert data_identity(a) != data_identity({**a, "image_size": 64})
+
+
+def test_streamed_augmentation_does_not_depend_on_the_worker_count(tmp_path):
+    cifar10(tmp_path, per_batch=10, n_test=10)
+    s = load_splits(cfg("cifar10", download=False), str(tmp_path))
+    batches = []
+    for workers in (0, 1, 2):
+        data = open_data(s, torch.device("cpu"), shift=4, flip=True, storage="stream", workers=workers)
+        batches.append(torch.cat([b[0] for b in data.train_batches(8, torch.Generator().manual_seed(3))]))
+    assert torch.equal(batches[0], batches[1]) and torch.equal(batches[0], batches[2])
+    again = open_data(s, torch.device("cpu"), shift=4, flip=True, storage="stream", workers=0)
+    assert torch.equal(torch.cat([b[0] for b in again.train_batches(8, torch.Generator().manual_seed(3))]), batches[0])
+
+
+def test_class_folders_named_by_numbers_are_chosen_by_name(tmp_path):
+    image_folder(tmp_path / "n", [str(i) for i in range(1, 12)], 4, size=(8, 8))
+    (tmp_path / "n" / ".ipynb_checkpoints").mkdir()  # hidden folders are not classes
+    s = load_splits(cfg("imagefolder", root=str(tmp_path / "n"), val_size=1, test_size=0.25), str(tmp_path))
+    assert len(s.info.class_names) == 11 and s.info.class_names[:3] == ["1", "10", "11"]
+    s = load_splits(cfg("imagefolder", root=str(tmp_path / "n"), val_size=0.5, classes=["2", "10"]), str(tmp_path))
+    assert s.info.class_names == ["2", "10"]
+
+
+def test_a_class_of_one_image_leaves_the_test_split_empty_and_says_so(tmp_path):
+    image_folder(tmp_path / "one", ["a", "b"], 1, size=(8, 8))
+    with pytest.raises(KdError, match="the test split is empty"):
+        load_splits(cfg("imagefolder", root=str(tmp_path / "one"), val_size=1), str(tmp_path))
+
+
+def test_cifar_batches_from_newer_pickles_load_and_wrong_layouts_are_refused(tmp_path):
+    folder = cifar10(tmp_path, per_batch=4, n_test=4)
+    with open(folder / "data_batch_2", "rb") as f:
+        batch = pickle.load(f)
+    batch["labels"] = list(np.asarray(batch["labels"], dtype=np.int64))  # numpy scalars
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump(batch, f, protocol=5)
+    s = load_splits(cfg("cifar10", download=False, val_size=2), str(tmp_path))
+    assert len(s.train) + len(s.val) == 20
+    batch["data"] = batch["data"].reshape(-1, 32, 32, 3)  # rows of pixels, not planes
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump(batch, f, protocol=2)
+    with pytest.raises(KdError, match=r"data_batch_2: not a CIFAR batch .*'data' is uint8 of shape \(4, 32, 32, 3\)"):
+        load_splits(cfg("cifar10", download=False, val_size=2), str(tmp_path))
+
+
+def test_statistics_match_the_formula():
+    x = torch.randint(0, 256, (50, 3, 5, 7), dtype=torch.uint8)
+    from kdcli.data.splits import Split, _statistics
+
+    shape, mean, std = _statistics(Split(x, torch.zeros(50)), {}, torch.Generator())
+    pixels = x.double() / 255
+    assert shape == [3, 5, 7]
+    assert torch.allclose(torch.tensor(mean, dtype=torch.float64), pixels.mean(dim=(0, 2, 3)))
+    assert torch.allclose(torch.tensor(std, dtype=torch.float64), pixels.std(dim=(0, 2, 3)))
+
+
+def test_a_folder_root_found_under_data_root_is_stored_absolute(tmp_path):
+    from omegaconf import OmegaConf
+
+    from kdcli.commands.common import dataset_config
+
+    image_folder(tmp_path / "pics", ["a", "b"], 2, size=(8, 8))
+    c = OmegaConf.create({"data_root": str(tmp_path), "dataset": {"name": "imagefolder", "root": "pics"}})
+    assert dataset_config(c)["root"] == str((tmp_path / "pics").resolve())
+
+
+def test_evaluating_on_changed_files_is_refused(tmp_path):
+    from kdcli.commands.common import checkpoint_data
+
+    image_folder(tmp_path / "f" / "train", ["a", "b", "c"], 4, size=(8, 8))
+    image_folder(tmp_path / "f" / "test", ["a", "b", "c"], 1, size=(8, 8))
+    dcfg = cfg("imagefolder", root=str(tmp_path / "f"), val_size=1)
+    s = load_splits(dcfg, str(tmp_path))
+    data = {**s.info.to_dict(), "dataset": dcfg}
+    assert len(checkpoint_data(data, str(tmp_path), torch.device("cpu")).test) == 3
+    image_folder(tmp_path / "f" / "train", ["aa"], 4, size=(8, 8))  # a class inserted before b
+    with pytest.raises(KdError, match=r"no longer matches the checkpoint's: its classes \['a', 'b', 'c'\], now"):
+        checkpoint_data(data, str(tmp_path), torch.device("cpu"))

@@ -209,3 +209,28 @@ def test_kd_starts_without_torchvision(tmp_path):
     assert first.stdout.split() == [str(count), "True"]  # listed by torchvision, then cached
     assert again.stdout.split() == [str(count), "False"]
     assert list(tmp_path.glob("kdcli/torchvision-*-models.txt"))
+
+
+def test_a_pretrained_checkpoint_rebuilds_without_a_download(monkeypatch):
+    """evaluate/export/teacher.ckpt rebuild the model and load its weights: nothing to fetch."""
+    import torchvision.models as tvm
+    import torchvision.models._api as api
+
+    from kdcli import checkpoint
+
+    state = tvm.resnet18().state_dict()
+    monkeypatch.setattr(api, "load_state_dict_from_url", lambda url, *args, **kwargs: state)
+    model = build_model("tv_resnet18", (1, 28, 28), 10, {"pretrained": True})
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    ckpt = {
+        "arch": {"name": "tv_resnet18", "kwargs": {"pretrained": True}},
+        "data": {"input_shape": [1, 28, 28], "num_classes": 10},
+        "state_dict": model.state_dict(),
+    }
+    rebuilt = checkpoint.build_from(ckpt).eval()
+    x = torch.randn(2, 1, 28, 28)
+    assert rebuilt.conv1.kernel_size == (7, 7) and torch.equal(rebuilt(x), model.eval()(x))

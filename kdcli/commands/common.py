@@ -14,6 +14,7 @@ from kdcli.config import augmenting, model_spec
 from kdcli.data import DeviceData, load_splits
 from kdcli.data.splits import SPLIT_VERSION
 from kdcli.data.stream import StreamData, open_data
+from kdcli.errors import KdError
 from kdcli.models import build_model
 
 log = logging.getLogger("kdcli")
@@ -30,8 +31,10 @@ def dataset_config(cfg) -> dict:
     where kd ran."""
     dcfg = OmegaConf.to_container(cfg.dataset, resolve=True, throw_on_missing=False)
     root = dcfg.get("root")
-    if isinstance(root, str) and root != "???" and Path(root).expanduser().is_dir():
-        dcfg["root"] = str(Path(root).expanduser().resolve())
+    if isinstance(root, str) and root != "???":
+        from kdcli.data.folder import resolve_root
+
+        dcfg["root"] = str(resolve_root(root, cfg.data_root).resolve())
     return dcfg
 
 
@@ -103,6 +106,17 @@ def checkpoint_data(data: dict, data_root: str, device: torch.device) -> DeviceD
     """The splits a checkpoint's model was trained on, normalised as in its training (the
     statistics stored in the checkpoint)."""
     dcfg = data["dataset"]
-    splits = load_splits(dcfg, data_root)
-    splits.info.mean, splits.info.std = data["mean"], data["std"]
-    return open_data(splits, device, storage=dcfg.get("storage", "auto"), workers=dcfg.get("workers"))
+    splits = load_splits(dcfg, data_root, stats=(data["mean"], data["std"]))
+    ours = {"classes": splits.info.class_names, "input shape": splits.info.input_shape}
+    theirs = {"classes": list(data["class_names"]), "input shape": list(data["input_shape"])}
+    for what in ours:
+        if ours[what] != theirs[what]:
+            raise KdError(
+                f"the data under {dcfg.get('root') or data_root} no longer matches the checkpoint's: its {what} "
+                f"{theirs[what]}, now {ours[what]} (files added, removed or renamed?). Fix: restore the files the "
+                "model was trained on, or train again."
+            )
+    # Images in files are streamed: evaluating or exporting reads each once, decoding all is slower.
+    lazy = hasattr(splits.train, "image")
+    storage = "stream" if lazy else dcfg.get("storage", "auto")
+    return open_data(splits, device, storage=storage, workers=dcfg.get("workers"))

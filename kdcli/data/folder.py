@@ -8,6 +8,7 @@ and centre-cropped to `image_size`, and either decoded once into memory or strea
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from kdcli.errors import KdError
 from kdcli.registry import DATASETS
 
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+LARGE = 256  # a side above this, taken from the first image, gets a warning
+log = logging.getLogger("kdcli")
 
 
 @dataclass
@@ -33,6 +36,10 @@ class FileSplit:
     def __len__(self) -> int:
         return len(self.y)
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.size, self.size)
+
     def take(self, idx: torch.Tensor) -> "FileSplit":
         return FileSplit([self.paths[i] for i in idx.tolist()], self.y[idx], self.size, self.channels)
 
@@ -44,7 +51,7 @@ class FileSplit:
         try:
             with Image.open(path) as img:
                 img = img.convert("L" if self.channels == 1 else "RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
             raise KdError(f"cannot decode image {path}: {e}. Fix: remove or replace the file.") from None
         img = TF.center_crop(TF.resize(img, self.size), [self.size, self.size])
         return TF.pil_to_tensor(img)
@@ -52,10 +59,14 @@ class FileSplit:
 
 def _scan(directory: Path, class_to_idx: dict | None = None) -> tuple[list[str], list[int], list[str]]:
     """(paths, labels, class names) of the images in directory's class folders."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
     try:
-        names, found = find_classes(str(directory))
+        # Class folders, sorted; hidden ones (.ipynb_checkpoints, .DS_Store...) are not classes.
+        names = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        found = {n: i for i, n in enumerate(names)}
+        if not names:
+            raise FileNotFoundError(f"no class folders in {directory}")
         if class_to_idx is not None:
             unknown = sorted(set(names) - set(class_to_idx))
             if unknown:
@@ -85,7 +96,7 @@ def _stratified_test(labels: torch.Tensor, share: float) -> torch.Tensor:
     return mask
 
 
-def _resolve_root(root: str, data_root: str) -> Path:
+def resolve_root(root: str, data_root: str) -> Path:
     for candidate in (Path(root).expanduser(), Path(data_root).expanduser() / root):
         if candidate.is_dir():
             return candidate
@@ -106,7 +117,7 @@ def imagefolder(
     test_size: float = 0.2,
 ) -> RawData:
     """Your own images: root/train + root/test (or val) class folders, or class folders split by test_size."""
-    base = _resolve_root(root, data_root)
+    base = resolve_root(root, data_root)
     test_dir = next((base / d for d in ("test", "val") if (base / d).is_dir()), None)
     if (base / "train").is_dir() and test_dir is not None:
         paths, labels, names = _scan(base / "train")
@@ -127,16 +138,25 @@ def imagefolder(
 
     from PIL import Image
 
-    with Image.open(paths[0]) as first:
-        size = int(image_size) if image_size else min(first.size)
-        c = int(channels) if channels else (1 if first.mode in GRAY_MODES else 3)
+    try:
+        with Image.open(paths[0]) as first:
+            size = int(image_size) if image_size else min(first.size)
+            c = int(channels) if channels else (1 if first.mode in GRAY_MODES else 3)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise KdError(f"cannot decode image {paths[0]}: {e}. Fix: remove or replace the file.") from None
     if c not in (1, 3) or size < 1:
         raise KdError(f"imagefolder: channels must be 1 or 3 and image_size positive; got {c}, {size}.")
+    if not image_size and size > LARGE:
+        log.warning(
+            f"imagefolder: images are {size} px on the shorter side (from {paths[0]}); training at that size is "
+            f"slow and memory-hungry. Set dataset.image_size (e.g. 64, 128 or 224)."
+        )
     train = FileSplit(paths, torch.tensor(labels, dtype=torch.long), size, c)
     test = FileSplit(test_paths, torch.tensor(test_labels, dtype=torch.long), size, c)
     return RawData(train, test, names)
 
 
 def default_workers() -> int:
-    """Loader processes: one per core beside the training process, at most 8."""
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    """Loader processes: one per core this process may use beside the training process, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores - 1))

@@ -16,9 +16,15 @@ from kdcli.data.splits import RawData, Split
 from kdcli.errors import KdError
 
 # The only callables a CIFAR batch needs to rebuild its numpy arrays.
+# The only callables a CIFAR batch needs to rebuild its numpy arrays and scalars (whichever
+# numpy and pickle protocol wrote it); each builds an array or a scalar from a dtype and bytes.
 _ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
+    (package, name)
+    for package in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")
+} | {
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("_codecs", "encode"),
@@ -29,8 +35,8 @@ class _ArrayUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in _ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} (a dataset batch holds only arrays)")
-        if module == "numpy.core.multiarray":  # files pickled by numpy 1.x name the old module
-            module = "numpy._core.multiarray" if hasattr(np, "_core") else module
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):  # pickled by numpy 1.x
+            module = module.replace("numpy.core.", "numpy._core.", 1)
         return super().find_class(module, name)
 
 
@@ -48,15 +54,20 @@ def _load_batch(path: Path) -> dict:
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
-def _images(batch: dict, path: Path, label_key: str) -> Split:
+def _images(batch: dict, path: Path, label_key: str, classes: int) -> Split:
+    """A batch's images: `data` holds one row of 3072 bytes per image (the R plane, then G, then B)."""
+    what = f"{path}: not a CIFAR batch (uint8 'data' of shape (N, 3072) and N '{label_key}' below {classes})"
     try:
-        x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        y = np.asarray(batch[label_key], dtype=np.int64)
-    except (KeyError, ValueError) as e:
-        raise KdError(f"{path}: not a CIFAR batch of 32x32 RGB images with '{label_key}' ({e}).") from None
-    if len(x) != len(y):
-        raise KdError(f"{path}: {len(x)} images but {len(y)} labels.")
-    return Split(torch.from_numpy(x.copy()), torch.from_numpy(y))
+        data = np.asarray(batch["data"])
+        y = np.asarray(batch[label_key]).astype(np.int64, casting="same_kind").reshape(-1)
+    except (KeyError, ValueError, TypeError) as e:
+        raise KdError(f"{what}: {type(e).__name__} {e}.") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise KdError(f"{what}: 'data' is {data.dtype} of shape {data.shape}.")
+    if len(data) != len(y) or not len(y) or not 0 <= y.min() <= y.max() < classes:
+        span = f" in {y.min()}..{y.max()}" if len(y) else ""
+        raise KdError(f"{what}: {len(data)} images, {len(y)} labels{span}.")
+    return Split(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(y))
 
 
 def _missing(title: str, folder: Path, names: list[str], url: str, where: str, cause: str | None) -> KdError:
@@ -97,14 +108,14 @@ def read_cifar(data_root: str, classes: int, download: bool) -> RawData:
     label_key = "labels" if classes == 10 else "fine_labels"
 
     def split(files: list) -> Split:
-        parts = [_images(_load_batch(folder / n), folder / n, label_key) for n, _ in files]
+        parts = [_images(_load_batch(folder / n), folder / n, label_key, classes) for n, _ in files]
         return Split(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
 
     meta = _load_batch(folder / cls.meta["filename"])
     class_names = [str(n) for n in meta.get(cls.meta["key"], [])]
     train, test = split(cls.train_list), split(cls.test_list)
-    if len(class_names) != classes or int(max(train.y.max(), test.y.max())) >= classes:
-        raise KdError(f"{folder}: expected {classes} classes in {cls.meta['filename']} and labels below {classes}.")
+    if len(class_names) != classes:
+        raise KdError(f"{folder / cls.meta['filename']}: expected {classes} class names; found {len(class_names)}.")
     return RawData(train, test, class_names)
 
 

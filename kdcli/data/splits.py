@@ -78,7 +78,8 @@ def _select_classes(names: list[str], classes):
     """(a function keeping the chosen classes of a split, relabelled 0..k-1, their names)."""
     chosen = []
     for c in classes:
-        if isinstance(c, str) and not c.lstrip("-").isdigit():
+        # A class is named by its name first (folders may be called "1", "10", ...), else by index.
+        if isinstance(c, str) and (c in names or not c.lstrip("-").isdigit()):
             if c not in names:
                 raise KdError(f"dataset.classes: unknown class '{c}'. Classes: {', '.join(names)}.")
             chosen.append(names.index(c))
@@ -109,19 +110,30 @@ def _carve(n: int, size: float | int) -> int:
     return count
 
 
-def _sample_pixels(train, cfg: dict, g: torch.Generator) -> torch.Tensor:
-    """Training pixels in [0, 1] for the normalisation statistics: all of an in-memory split,
-    STATS_SAMPLE random images of a split of files (decoded here)."""
+def _statistics(train, cfg: dict, g: torch.Generator) -> tuple[list[int], list[float], list[float]]:
+    """(input shape, per-channel mean, std) of the training images in [0, 1]: over all of an
+    in-memory split (in chunks, without a float copy of it), over STATS_SAMPLE random images of
+    a split of files (decoded here)."""
     if isinstance(train, Split):
-        return train.x.float().div_(255)
-    from kdcli.data.stream import check_workers, decode_all
+        x = train.x
+    else:
+        from kdcli.data.stream import check_workers, decode_all
 
-    sample = train.take(torch.randperm(len(train), generator=g)[:STATS_SAMPLE])
-    return decode_all(sample, check_workers(cfg.get("workers")), "sample").x.float().div_(255)
+        sample = train.take(torch.randperm(len(train), generator=g)[:STATS_SAMPLE])
+        x = decode_all(sample, check_workers(cfg.get("workers")), "sample").x
+    total = torch.zeros(2, x.shape[1], dtype=torch.float64)  # sum, sum of squares per channel
+    for i in range(0, len(x), 4096):
+        chunk = x[i : i + 4096].double().div_(255).transpose(0, 1).flatten(1)
+        total += torch.stack([chunk.sum(1), chunk.square().sum(1)])
+    n = x[0].numel() // x.shape[1] * len(x)
+    mean = total[0] / n
+    std = ((total[1] - n * mean.square()) / max(n - 1, 1)).clamp_min(0).sqrt()
+    return list(x.shape[1:]), mean.tolist(), std.clamp_min(1e-6).tolist()
 
 
-def load_splits(cfg: dict, data_root: str) -> Splits:
-    """Build the splits that a dataset config describes (see configs/dataset/*.yaml)."""
+def load_splits(cfg: dict, data_root: str, stats: tuple[list, list] | None = None) -> Splits:
+    """Build the splits that a dataset config describes (see configs/dataset/*.yaml). `stats`
+    (mean, std) replaces the statistics computed from the training images (a checkpoint's)."""
     builder_kwargs = {k: v for k, v in cfg.items() if k not in COMMON_KEYS}
     raw: RawData = DATASETS.build(cfg["name"], data_root, **builder_kwargs)
     # The validation images are chosen before a class subset is taken, so teachers trained on
@@ -141,13 +153,23 @@ def load_splits(cfg: dict, data_root: str) -> Splits:
         limit = int(cfg["limit"])
         train, val, test = (s.take(torch.randperm(len(s), generator=g)[:limit]) for s in (train, val, test))
 
-    pixels = _sample_pixels(train, cfg, g)
+    for name, split in (("training", train), ("validation", val), ("test", test)):
+        if not len(split):
+            raise KdError(
+                f"dataset {cfg['name']}: the {name} split is empty"
+                f"{' for the classes chosen' if cfg.get('classes') else ''}. Fix: give it images (more per class, "
+                "another dataset.classes, val_size or test_size)."
+            )
+    if stats is None:
+        shape, mean, std = _statistics(train, cfg, g)
+    else:
+        (mean, std), shape = stats, list(train.x.shape[1:] if isinstance(train, Split) else train.shape)
     info = DataInfo(
         name=cfg["name"],
-        input_shape=list(pixels.shape[1:]),
+        input_shape=shape,
         num_classes=len(class_names),
         class_names=class_names,
-        mean=pixels.mean(dim=(0, 2, 3)).tolist(),
-        std=pixels.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist(),
+        mean=list(mean),
+        std=list(std),
     )
     return Splits(train, val, test, info)

@@ -8,7 +8,6 @@ with `batches`, `head`, `subset` and `y`), so the engine does not know which one
 from __future__ import annotations
 
 import logging
-import os
 from typing import Iterator
 
 import torch
@@ -25,17 +24,40 @@ def _image(split, i: int) -> torch.Tensor:
     return split.image(i) if hasattr(split, "image") else split.x[i]
 
 
-class _Samples(Dataset):
-    """(transformed image, label, index) of one split."""
+class _Augment:
+    """Random crop with `shift` pixels of black padding and a random horizontal flip of one
+    uint8 image, drawn from a generator seeded by (epoch seed, sample index): the result does
+    not depend on which worker process, or how many, decode the sample."""
 
-    def __init__(self, split, transform=None):
-        self.split, self.transform = split, transform
+    def __init__(self, shift: int, flip: bool):
+        self.shift, self.flip = shift, flip
+
+    def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        if self.shift:
+            s, (h, w) = self.shift, x.shape[1:]
+            dy, dx = torch.randint(0, 2 * s + 1, (2,), generator=g).tolist()
+            x = torch.nn.functional.pad(x, (s, s, s, s))[:, dy : dy + h, dx : dx + w]
+        if self.flip and torch.rand((), generator=g) < 0.5:
+            x = x.flip(-1)
+        return x
+
+
+class _Samples(Dataset):
+    """(transformed image, label, index) of one split; `augment` (with the `epoch_seed` of the
+    epoch being read) before `transform`."""
+
+    def __init__(self, split, transform=None, augment: _Augment | None = None):
+        self.split, self.transform, self.augment = split, transform, augment
+        self.epoch_seed = 0
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int):
         x = _image(self.split, i)
+        if self.augment is not None:
+            x = self.augment(x, (self.epoch_seed + i * 0x9E3779B97F4A7C15) % 2**63)
         return (self.transform(x) if self.transform else x), self.split.y[i], i
 
 
@@ -54,6 +76,12 @@ def _iterate(loader: DataLoader):
     except RuntimeError as e:
         if "KdError" in str(e):
             raise _loader_error(e) from None
+        if "DataLoader worker" in str(e) and ("killed" in str(e) or "exited unexpectedly" in str(e)):
+            raise KdError(
+                f"a data loader process died ({str(e).splitlines()[0]}), often for lack of shared memory "
+                "(/dev/shm) or memory. Fix: dataset.workers=0 (load in the training process), or give the "
+                "machine or container more shared memory (docker: --shm-size=2g)."
+            ) from None
         raise
 
 
@@ -71,9 +99,11 @@ def memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free // 4
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
-    except (ValueError, OSError, AttributeError):  # not Linux: assume a laptop's few GiB
+    try:  # MemAvailable counts reclaimable page cache, unlike MemFree: stable from run to run
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return kib * 1024 // 4
+    except (OSError, StopIteration, ValueError, IndexError):  # not Linux: assume a laptop's few GiB
         return 2 << 30
 
 
@@ -86,8 +116,8 @@ def float_bytes(splits: Splits) -> int:
 class StreamSplit:
     """One split read through a DataLoader, in order, without augmentation."""
 
-    def __init__(self, split, transform, device: torch.device, workers: int):
-        self.samples = _Samples(split, transform)
+    def __init__(self, split, transform, device: torch.device, workers: int, augment: _Augment | None = None):
+        self.samples = _Samples(split, transform, augment)
         self.y = split.y.to(device)
         self.device, self.workers = device, workers
 
@@ -112,10 +142,10 @@ class StreamSplit:
         return torch.stack([self.samples[i][0] for i in range(min(n, len(self)))]).to(self.device)
 
     def subset(self, n: int) -> "StreamSplit":
-        out = StreamSplit.__new__(StreamSplit)
-        out.samples = _Samples(self.samples.split.take(torch.arange(min(n, len(self)))), self.samples.transform)
-        out.y, out.device, out.workers = self.y[:n], self.device, self.workers
-        return out
+        s = self.samples
+        return StreamSplit(
+            s.split.take(torch.arange(min(n, len(self)))), s.transform, self.device, self.workers, s.augment
+        )
 
 
 class StreamData:
@@ -125,18 +155,16 @@ class StreamData:
         self.info: DataInfo = splits.info
         self.device = device
         self.shift, self.flip, self.workers = int(shift), bool(flip), int(workers)
-        h, w = self.info.input_shape[1:]
-        to_input = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.info.mean, self.info.std)]
-        augment = ([v2.RandomCrop((h, w), padding=self.shift, fill=0)] if self.shift else []) + (
-            [v2.RandomHorizontalFlip()] if self.flip else []
+        to_input = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.info.mean, self.info.std)])
+        augment = _Augment(self.shift, self.flip) if self.shift or self.flip else None
+        # `train` is the training split as the engine reads it (evaluation, shapes): not augmented.
+        self.train, self.val, self.test = (
+            StreamSplit(s, to_input, device, self.workers) for s in (splits.train, splits.val, splits.test)
         )
-        evaluation = v2.Compose(to_input)
-        self.train = StreamSplit(splits.train, v2.Compose(augment + to_input), device, self.workers)
-        self.val, self.test = (StreamSplit(s, evaluation, device, self.workers) for s in (splits.val, splits.test))
-        self._train_plain = StreamSplit(splits.train, evaluation, device, self.workers)
+        self._augmented = StreamSplit(splits.train, to_input, device, self.workers, augment)
 
     def split(self, name: str) -> StreamSplit:
-        return self._train_plain if name == "train" else getattr(self, name)
+        return getattr(self, name)
 
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
         """One epoch of shuffled, augmented batches (x, y, indices), as DeviceData's: the order and
@@ -144,11 +172,10 @@ class StreamData:
         n = len(self.train)
         seed = int(torch.randint(0, 2**62, (1,), device=generator.device, generator=generator))
         order = torch.Generator().manual_seed(seed)
-        loader = self.train.loader(
-            batch_size,
-            sampler=RandomSampler(self.train.samples, generator=order),
-            drop_last=n >= batch_size,
-            generator=order,
+        samples = self._augmented.samples
+        samples.epoch_seed = seed  # read by the workers, which start with each epoch's loader
+        loader = self._augmented.loader(
+            batch_size, sampler=RandomSampler(samples, generator=order), drop_last=n >= batch_size, generator=order
         )
         for x, y, idx in _iterate(loader):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx.to(self.device)

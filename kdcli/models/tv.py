@@ -18,6 +18,7 @@ torchvision version: importing it takes about as long as importing torch.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
 import re
@@ -31,6 +32,8 @@ from kdcli.errors import KdError
 from kdcli.registry import MODELS
 
 PREFIX = "tv_"
+# True while a model is rebuilt to receive a checkpoint's weights (kdcli.models.for_checkpoint).
+WEIGHTS_FROM_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar("weights_from_checkpoint", default=False)
 SMALL = 64  # inputs with a side below this keep their resolution early (small_input=auto)
 # Containers whose children are the model's stages, where a model has one.
 TRUNKS = ("features", "layers", "trunk_output", "blocks")
@@ -248,7 +251,13 @@ def tv(arch: str, input_shape, num_classes, *, pretrained: bool = False, small_i
     small = min(h, w) < SMALL if choice == "auto" else choice == "true"
     kwargs = _builder_kwargs(arch, input_shape, pretrained)
     try:
-        if pretrained:
+        if pretrained and WEIGHTS_FROM_CHECKPOINT.get():
+            # The structure that the pretrained weights give, without fetching them: a checkpoint's
+            # weights replace them (evaluate, export and teacher.ckpt work offline).
+            if arch in ("googlenet", "inception_v3") and c == 3:
+                kwargs["transform_input"] = True  # torchvision sets it with the weights
+            model = tvm.get_model(arch, weights=None, num_classes=1000, **kwargs)
+        elif pretrained:
             model = tvm.get_model(arch, weights="DEFAULT", **kwargs)
         else:
             model = tvm.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
