@@ -303,3 +303,11 @@ def test_evaluating_on_changed_files_is_refused(tmp_path):
     image_folder(tmp_path / "f" / "train", ["aa"], 4, size=(8, 8))  # a class inserted before b
     with pytest.raises(KdError, match=r"no longer matches the checkpoint's: its classes \['a', 'b', 'c'\], now"):
         checkpoint_data(data, str(tmp_path), torch.device("cpu"))
+
+
+def test_a_val_folder_beside_train_and_test_is_the_validation_split(tmp_path):
+    for part, n in (("train", 5), ("val", 2), ("test", 3)):
+        image_folder(tmp_path / "t" / part, ["a", "b"], n, size=(8, 8), seed=len(part))
+    s = load_splits(cfg("imagefolder", root=str(tmp_path / "t"), val_size=0.5), str(tmp_path))
+    assert (len(s.train), len(s.val), len(s.test)) == (10, 4, 6)
+    assert all("/val/" in p for p in s.val.paths) and all("/test/" in p for p in s.test.paths)

@@ -51,6 +51,12 @@ def test_a_paper_pair_distills_on_each_file_format(kd, dataset):
         assert "streamed" in r.stdout + r.stderr and ckpt["data"]["input_shape"] == [3, 32, 32]
         # The root given relative to the current directory is stored absolute.
         assert ckpt["data"]["dataset"]["root"] == str((kd.dir / "data" / "photos").resolve())
+        # The streamed checkpoint evaluates and exports (the files are read again, not decoded in memory).
+        r = kd("evaluate", f"run={run}")
+        assert r.returncode == 0 and "student" in r.stdout, r.stdout + r.stderr
+        r = kd("export", f"checkpoint={run / 'checkpoints' / 'student_best.pt'}", "formats=[onnx]", "debug=smoke")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert len(list((kd.dir / "runs").glob("export/*/*.onnx"))) == 1
 
 
 def test_feature_distillation_on_named_stages_across_the_zoo(kd):

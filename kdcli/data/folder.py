@@ -116,14 +116,20 @@ def imagefolder(
     channels: int | None = None,
     test_size: float = 0.2,
 ) -> RawData:
-    """Your own images: root/train + root/test (or val) class folders, or class folders split by test_size."""
+    """Your own images: root/train + root/test (or val) class folders, or class folders split by test_size.
+
+    With train/, val/ and test/, val/ is the validation split (val_size is not used)."""
     base = resolve_root(root, data_root)
     test_dir = next((base / d for d in ("test", "val") if (base / d).is_dir()), None)
+    val = None
     if (base / "train").is_dir() and test_dir is not None:
         paths, labels, names = _scan(base / "train")
-        test_paths, test_labels, _ = _scan(test_dir, {n: i for i, n in enumerate(names)})
+        index = {n: i for i, n in enumerate(names)}
+        test_paths, test_labels, _ = _scan(test_dir, index)
         if not test_paths:
             raise KdError(f"imagefolder: {test_dir} holds no images. Fix: add images, or remove the folder.")
+        if test_dir.name == "test" and (base / "val").is_dir():  # train/ val/ test/: val/ is the validation split
+            val = _scan(base / "val", index)[:2]
     else:
         paths, labels, names = _scan(base)
         if not 0 < float(test_size) < 1:
@@ -151,9 +157,11 @@ def imagefolder(
             f"imagefolder: images are {size} px on the shorter side (from {paths[0]}); training at that size is "
             f"slow and memory-hungry. Set dataset.image_size (e.g. 64, 128 or 224)."
         )
-    train = FileSplit(paths, torch.tensor(labels, dtype=torch.long), size, c)
-    test = FileSplit(test_paths, torch.tensor(test_labels, dtype=torch.long), size, c)
-    return RawData(train, test, names)
+
+    def split(paths: list[str], labels: list[int]) -> FileSplit:
+        return FileSplit(paths, torch.tensor(labels, dtype=torch.long), size, c)
+
+    return RawData(split(paths, labels), split(test_paths, test_labels), names, split(*val) if val else None)
 
 
 def default_workers() -> int:

@@ -72,6 +72,7 @@ class RawData:
     train: Split  # or FileSplit
     test: Split
     class_names: list[str]
+    val: Split | None = None  # a validation split of its own (else carved from train with val_size)
 
 
 def _select_classes(names: list[str], classes):
@@ -140,9 +141,12 @@ def load_splits(cfg: dict, data_root: str, stats: tuple[list, list] | None = Non
     # different subsets and a student on all classes share one split: no teacher has trained
     # on the student's validation images.
     g = torch.Generator().manual_seed(int(cfg.get("split_seed", 0)))
-    perm = torch.randperm(len(raw.train), generator=g)
-    n_val = _carve(len(perm), cfg["val_size"])
-    train, val, test = raw.train.take(perm[n_val:]), raw.train.take(perm[:n_val]), raw.test
+    if raw.val is not None:
+        train, val, test = raw.train, raw.val, raw.test
+    else:
+        perm = torch.randperm(len(raw.train), generator=g)
+        n_val = _carve(len(perm), cfg["val_size"])
+        train, val, test = raw.train.take(perm[n_val:]), raw.train.take(perm[:n_val]), raw.test
     class_names = list(raw.class_names)
     if cfg.get("classes"):
         keep, class_names = _select_classes(class_names, cfg["classes"])
