@@ -114,7 +114,7 @@ def float_bytes(splits: Splits) -> int:
 
 
 class StreamSplit:
-    """One split read through a DataLoader, in order, without augmentation."""
+    """One split read through a DataLoader, in order (augmented only when `augment` is given)."""
 
     def __init__(self, split, transform, device: torch.device, workers: int, augment: _Augment | None = None):
         self.samples = _Samples(split, transform, augment)
