@@ -101,7 +101,7 @@ def _collapse_families(options: list[str]) -> list[str]:
 
     prefixes = MODELS.families()
     kept = [o for o in options if not any(o.startswith(p) for p in prefixes)]
-    return kept + [f"{p}<name> (kd list models '{p}*')" for p in prefixes if any(o.startswith(p) for o in options)]
+    return kept + MODELS.family_entries(p for p in prefixes if any(o.startswith(p) for o in options))
 
 
 def _check_overrides(command: str, parsed: list) -> list[str]:

@@ -81,6 +81,10 @@ class Registry:
         """prefix -> the family's builder (its docstring and keyword parameters describe every member)."""
         return {prefix: fn for prefix, (fn, _, _) in self._families.items()}
 
+    def family_entries(self, prefixes: Iterable[str] | None = None) -> list[str]:
+        """One entry per family (of `prefixes`, default all) for lists of names in messages."""
+        return [f"{p}<name> (kd list {self.kind}s '{p}*')" for p in (self._families if prefixes is None else prefixes)]
+
     def _members(self, prefix: str) -> list[str]:
         return [prefix + m for m in self._families[prefix][1]()]
 
@@ -104,7 +108,7 @@ class Registry:
             return self._builders[name]
         prefix = self._family_of(name)
         if prefix is None:
-            available = self.names(families=False) + [f"{p}<name> (kd list '{p}*')" for p in self._families]
+            available = self.names(families=False) + self.family_entries()
             raise KdError(
                 f"Unknown {self.kind} '{name}'.{did_you_mean(name, self.names())} "
                 f"Available: {', '.join(available)}. "

@@ -47,12 +47,10 @@ def device_data(cfg, device: torch.device) -> DeviceData | StreamData:
     splits = load_splits(dcfg, cfg.data_root)
     shift, flip = (dcfg.get("shift", 0), dcfg.get("flip", False)) if augmenting(cfg) else (0, False)
     data = open_data(splits, device, shift, flip, dcfg.get("storage", "auto"), dcfg.get("workers"))
-    n = getattr(data, "workers", 0)
-    where = (
-        f"streamed ({n} loader process{'' if n == 1 else 'es'})"
-        if isinstance(data, StreamData)
-        else f"in memory on {device}"
-    )
+    if isinstance(data, StreamData):
+        where = f"streamed ({data.workers} loader process{'' if data.workers == 1 else 'es'})"
+    else:
+        where = f"in memory on {device}"
     log.info(
         f"data     {dcfg['name']}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
         f"input {data.info.input_shape}, {data.info.num_classes} classes, {where}, "

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcli.data.formats import read_cifar, read_svhn
+from kdcli.data.formats import error_cause, read_cifar, read_svhn
 from kdcli.data.splits import RawData, Split
 from kdcli.errors import KdError
 from kdcli.registry import DATASETS
@@ -50,8 +50,7 @@ def _torchvision_idx(cls, data_root: str, download: bool, debian_dir: Path | Non
         train = cls(str(root), train=True, download=download)
         test = cls(str(root), train=False, download=download)
     except (RuntimeError, OSError) as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        cause = next((line for line in reversed(lines) if "error" in line.lower()), lines[0])
+        cause = error_cause(e)
         debian = (
             f" On Debian/Ubuntu: `apt-get install dataset-fashion-mnist` (files land in {debian_dir})."
             if debian_dir is not None

@@ -162,9 +162,3 @@ def imagefolder(
         return FileSplit(paths, torch.tensor(labels, dtype=torch.long), size, c)
 
     return RawData(split(paths, labels), split(test_paths, test_labels), names, split(*val) if val else None)
-
-
-def default_workers() -> int:
-    """Loader processes: one per core this process may use beside the training process, at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores - 1))

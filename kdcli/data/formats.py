@@ -79,13 +79,18 @@ def _missing(title: str, folder: Path, names: list[str], url: str, where: str, c
     )
 
 
+def error_cause(e: Exception) -> str:
+    """The line of a torchvision download or load error that says what failed."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    return next((line for line in reversed(lines) if "error" in line.lower()), lines[0])
+
+
 def _download_cause(download_fn) -> str | None:
-    """Run a torchvision download; the error's last meaningful line, or None when it worked."""
+    """Run a torchvision download; what failed, or None when it worked."""
     try:
         download_fn()
     except (RuntimeError, OSError, ValueError) as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        return next((line for line in reversed(lines) if "error" in line.lower()), lines[0])
+        return error_cause(e)
     return None
 
 

@@ -151,8 +151,6 @@ def load_splits(cfg: dict, data_root: str, stats: tuple[list, list] | None = Non
     if cfg.get("classes"):
         keep, class_names = _select_classes(class_names, cfg["classes"])
         train, val, test = keep(train), keep(val), keep(test)
-        if not (len(train) and len(val)):
-            raise KdError(f"dataset.classes={list(cfg['classes'])} leaves no training or no validation images.")
     if cfg.get("limit"):  # a random (seeded) subset of each split: stored order may be sorted by class
         limit = int(cfg["limit"])
         train, val, test = (s.take(torch.randperm(len(s), generator=g)[:limit]) for s in (train, val, test))

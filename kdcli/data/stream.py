@@ -8,6 +8,7 @@ with `batches`, `head`, `subset` and `y`), so the engine does not know which one
 from __future__ import annotations
 
 import logging
+import os
 from typing import Iterator
 
 import torch
@@ -184,10 +185,14 @@ class StreamData:
         return max(1, len(self.train) // batch_size)
 
 
+def default_workers() -> int:
+    """Loader processes: one per core this process may use beside the training process, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores - 1))
+
+
 def check_workers(workers) -> int:
     if workers is None:
-        from kdcli.data.folder import default_workers
-
         return default_workers()
     if int(workers) < 0:
         raise KdError(f"dataset.workers={workers}: give a count of loader processes (0 = in the main process).")

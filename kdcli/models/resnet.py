@@ -128,79 +128,37 @@ def wide_resnet(input_shape, num_classes, depth: int, k: int, dropout: float = 0
 X4 = (32, 64, 128, 256)  # RepDistiller's resnet8x4/resnet32x4: 4x the stages of resnet8/32, 2x the stem
 
 
-@MODELS.register("resnet8")
-def resnet8(input_shape, num_classes) -> nn.Module:
-    """CIFAR ResNet-8 (He et al. 2016; RepDistiller): stem, layer1-3 of 1 basic block, 16/32/64 channels."""
-    return cifar_resnet(input_shape, num_classes, 8)
+def _blocks(n: int, kind: str) -> str:
+    return f"{n} {kind} block{'s' if n > 1 else ''}"
 
 
-@MODELS.register("resnet14")
-def resnet14(input_shape, num_classes) -> nn.Module:
-    """CIFAR ResNet-14 (He et al. 2016; RepDistiller): stem, layer1-3 of 2 basic blocks, 16/32/64 channels."""
-    return cifar_resnet(input_shape, num_classes, 14)
+def _register_resnet(depth: int, widths=(16, 16, 32, 64)) -> None:
+    n, wide = (depth - 2) // 6, widths != (16, 16, 32, 64)
+    source = "RepDistiller/CRD" if wide else "He et al. 2016; RepDistiller" if depth in (8, 14) else "He et al. 2016"
+    width = f" at 4x width ({source}): stem {widths[0]}," if wide else f" ({source}): stem,"
+    stages = "/".join(str(w) for w in widths[1:])
+
+    def build(input_shape, num_classes) -> nn.Module:
+        return cifar_resnet(input_shape, num_classes, depth, widths)
+
+    build.__doc__ = f"CIFAR ResNet-{depth}{width} layer1-3 of {_blocks(n, 'basic')}, {stages} channels."
+    MODELS.register(f"resnet{depth}{'x4' if wide else ''}")(build)
 
 
-@MODELS.register("resnet20")
-def resnet20(input_shape, num_classes) -> nn.Module:
-    """CIFAR ResNet-20 (He et al. 2016): stem, layer1-3 of 3 basic blocks, 16/32/64 channels."""
-    return cifar_resnet(input_shape, num_classes, 20)
+def _register_wrn(depth: int, k: int) -> None:
+    def build(input_shape, num_classes, *, dropout: float = 0.0) -> nn.Module:
+        return wide_resnet(input_shape, num_classes, depth, k, dropout)
+
+    build.__doc__ = (
+        f"Wide ResNet WRN-{depth}-{k} (Zagoruyko & Komodakis 2016): stem, layer1-3 of "
+        f"{_blocks((depth - 4) // 6, 'pre-act')}, {16 * k}/{32 * k}/{64 * k} channels."
+    )
+    MODELS.register(f"wrn_{depth}_{k}")(build)
 
 
-@MODELS.register("resnet32")
-def resnet32(input_shape, num_classes) -> nn.Module:
-    """CIFAR ResNet-32 (He et al. 2016): stem, layer1-3 of 5 basic blocks, 16/32/64 channels."""
-    return cifar_resnet(input_shape, num_classes, 32)
-
-
-@MODELS.register("resnet44")
-def resnet44(input_shape, num_classes) -> nn.Module:
-    """CIFAR ResNet-44 (He et al. 2016): stem, layer1-3 of 7 basic blocks, 16/32/64 channels."""
-    return cifar_resnet(input_shape, num_classes, 44)
-
-
-@MODELS.register("resnet56")
-def resnet56(input_shape, num_classes) -> nn.Module:
-    """CIFAR ResNet-56 (He et al. 2016): stem, layer1-3 of 9 basic blocks, 16/32/64 channels."""
-    return cifar_resnet(input_shape, num_classes, 56)
-
-
-@MODELS.register("resnet110")
-def resnet110(input_shape, num_classes) -> nn.Module:
-    """CIFAR ResNet-110 (He et al. 2016): stem, layer1-3 of 18 basic blocks, 16/32/64 channels."""
-    return cifar_resnet(input_shape, num_classes, 110)
-
-
-@MODELS.register("resnet8x4")
-def resnet8x4(input_shape, num_classes) -> nn.Module:
-    """CIFAR ResNet-8 at 4x width (RepDistiller/CRD): stem 32, layer1-3 of 1 basic block, 64/128/256 channels."""
-    return cifar_resnet(input_shape, num_classes, 8, X4)
-
-
-@MODELS.register("resnet32x4")
-def resnet32x4(input_shape, num_classes) -> nn.Module:
-    """CIFAR ResNet-32 at 4x width (RepDistiller/CRD): stem 32, layer1-3 of 5 basic blocks, 64/128/256 channels."""
-    return cifar_resnet(input_shape, num_classes, 32, X4)
-
-
-@MODELS.register("wrn_16_1")
-def wrn_16_1(input_shape, num_classes, *, dropout: float = 0.0) -> nn.Module:
-    """Wide ResNet WRN-16-1 (Zagoruyko & Komodakis 2016): stem, layer1-3 of 2 pre-act blocks, 16/32/64 channels."""
-    return wide_resnet(input_shape, num_classes, 16, 1, dropout)
-
-
-@MODELS.register("wrn_16_2")
-def wrn_16_2(input_shape, num_classes, *, dropout: float = 0.0) -> nn.Module:
-    """Wide ResNet WRN-16-2 (Zagoruyko & Komodakis 2016): stem, layer1-3 of 2 pre-act blocks, 32/64/128 channels."""
-    return wide_resnet(input_shape, num_classes, 16, 2, dropout)
-
-
-@MODELS.register("wrn_40_1")
-def wrn_40_1(input_shape, num_classes, *, dropout: float = 0.0) -> nn.Module:
-    """Wide ResNet WRN-40-1 (Zagoruyko & Komodakis 2016): stem, layer1-3 of 6 pre-act blocks, 16/32/64 channels."""
-    return wide_resnet(input_shape, num_classes, 40, 1, dropout)
-
-
-@MODELS.register("wrn_40_2")
-def wrn_40_2(input_shape, num_classes, *, dropout: float = 0.0) -> nn.Module:
-    """Wide ResNet WRN-40-2 (Zagoruyko & Komodakis 2016): stem, layer1-3 of 6 pre-act blocks, 32/64/128 channels."""
-    return wide_resnet(input_shape, num_classes, 40, 2, dropout)
+for _depth in (8, 14, 20, 32, 44, 56, 110):
+    _register_resnet(_depth)
+for _depth in (8, 32):
+    _register_resnet(_depth, X4)
+for _depth, _k in ((16, 1), (16, 2), (40, 1), (40, 2)):
+    _register_wrn(_depth, _k)

@@ -48,31 +48,17 @@ class VGG(nn.Module):
         return self.fc(self.pool(self.layer5(x)).flatten(1))
 
 
-@MODELS.register("vgg8")
-def vgg8(input_shape, num_classes) -> nn.Module:
-    """VGG-8 with BN (RepDistiller/CRD CIFAR variant): layer1-5 of 1 conv each, 64-128-256-512-512 channels."""
-    return VGG(input_shape, num_classes, DEPTHS[8])
+def _register(depth: int, doc: str) -> None:
+    def build(input_shape, num_classes) -> nn.Module:
+        return VGG(input_shape, num_classes, DEPTHS[depth])
+
+    build.__doc__ = doc
+    MODELS.register(f"vgg{depth}")(build)
 
 
-@MODELS.register("vgg11")
-def vgg11(input_shape, num_classes) -> nn.Module:
-    """VGG-11 with BN (Simonyan & Zisserman 2015, CIFAR variant): layer1-5 of 1,1,2,2,2 convs, 64-512 channels."""
-    return VGG(input_shape, num_classes, DEPTHS[11])
-
-
-@MODELS.register("vgg13")
-def vgg13(input_shape, num_classes) -> nn.Module:
-    """VGG-13 with BN (Simonyan & Zisserman 2015, CIFAR variant): layer1-5 of 2 convs each, 64-512 channels."""
-    return VGG(input_shape, num_classes, DEPTHS[13])
-
-
-@MODELS.register("vgg16")
-def vgg16(input_shape, num_classes) -> nn.Module:
-    """VGG-16 with BN (Simonyan & Zisserman 2015, CIFAR variant): layer1-5 of 2,2,3,3,3 convs, 64-512 channels."""
-    return VGG(input_shape, num_classes, DEPTHS[16])
-
-
-@MODELS.register("vgg19")
-def vgg19(input_shape, num_classes) -> nn.Module:
-    """VGG-19 with BN (Simonyan & Zisserman 2015, CIFAR variant): layer1-5 of 2,2,4,4,4 convs, 64-512 channels."""
-    return VGG(input_shape, num_classes, DEPTHS[19])
+_PAPER = "with BN (Simonyan & Zisserman 2015, CIFAR variant): layer1-5 of"
+_register(8, "VGG-8 with BN (RepDistiller/CRD CIFAR variant): layer1-5 of 1 conv each, 64-128-256-512-512 channels.")
+_register(11, f"VGG-11 {_PAPER} 1,1,2,2,2 convs, 64-512 channels.")
+_register(13, f"VGG-13 {_PAPER} 2 convs each, 64-512 channels.")
+_register(16, f"VGG-16 {_PAPER} 2,2,3,3,3 convs, 64-512 channels.")
+_register(19, f"VGG-19 {_PAPER} 2,2,4,4,4 convs, 64-512 channels.")
