@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
+import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -24,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from kdcli import interrupt, resume
 from kdcli.config import resolve_device, validate
 from kdcli.errors import KdError
 from kdcli.files import write_json, write_text
@@ -38,10 +41,18 @@ class Context:
     run_dir: Path
     device: torch.device
     multirun: bool
+    resume: bool = False  # continuing an unfinished run: training loops pick up their saved states
+    previous: dict = field(default_factory=dict)  # that run's metrics.json (what it recorded)
+    metrics: dict = field(default_factory=dict)  # this run's metrics.json while it runs
 
     @property
     def show_progress(self) -> bool:
         return not self.multirun
+
+    def note(self, key: str, value) -> None:
+        """Record a fact in metrics.json at once (a resumed run reads it back from `previous`)."""
+        self.metrics[key] = value
+        write_json(self.run_dir / "metrics.json", self.metrics)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -64,53 +75,123 @@ class Outcome:
     failed = False
 
 
+def _resume_source(cfg: DictConfig, command: str, run_dir: Path) -> Path | None:
+    """The unfinished run that resume= continues (run_dir itself when it holds a training
+    state, as when a sweep is re-run in its own directory), or None to start afresh."""
+    value = OmegaConf.select(cfg, "resume")
+    if value is None:
+        return None
+    if resume.has_state(run_dir):
+        return run_dir
+    current = OmegaConf.to_container(cfg, resolve=True)
+    if value == "auto":
+        source = resume.find_unfinished(cfg.runs_dir, command, current, run_dir.resolve())
+        if source is None:
+            log.info(
+                f"resume   no unfinished {command} run of this configuration under {cfg.runs_dir}: starting afresh"
+            )
+        return source
+    source = resume.run_dir_of(value)
+    status = resume.read_metrics(source).get("status")
+    if status == "completed":
+        raise KdError(f"resume={value}: that run completed; there is nothing to continue. Its results: {source}.")
+    if status == "resumed":
+        raise KdError(
+            f"resume={value}: that run was already continued in {resume.read_metrics(source).get('resumed_in')}; "
+            "resume that one (or use resume=auto)."
+        )
+    diff = resume.config_diff(current, OmegaConf.to_container(OmegaConf.load(source / "config.yaml")))
+    if diff:
+        raise KdError(
+            f"resume={value}: this run's configuration differs from that run's ({'; '.join(diff[:5])}). "
+            "A run continues with its own configuration: drop the overrides that change it."
+        )
+    return source
+
+
+def _stop_hint(command: str, run_dir: Path, multirun: bool) -> str:
+    name = command.replace("_", "-")
+    if multirun:
+        return (
+            f"To continue: re-run the sweep with hydra.sweep.dir={run_dir.parent} resume=auto "
+            "(finished jobs are kept, unfinished ones continue)."
+        )
+    return f"To continue: kd {name} resume={run_dir}"
+
+
 def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: DictConfig) -> dict:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    logging.raiseExceptions = False  # a full disk must not turn every log line into a traceback
+    previous = resume.read_metrics(run_dir)
+    if previous.get("status") == "completed" and OmegaConf.select(cfg, "resume") is not None:
+        console.print(f"Already completed: {run_dir} (resume=auto keeps it)")
+        return previous  # a sweep re-run in its own directory: finished jobs are kept
     metrics: dict = {
         "command": command,
         "status": "running",
         "overrides": list(hc.overrides.task),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
     }
     t0 = time.perf_counter()
 
     def finish(status: str, **extra) -> dict:
         metrics.update(extra, status=status, elapsed_s=round(time.perf_counter() - t0, 3))
-        write_json(run_dir / "metrics.json", metrics)
+        try:
+            write_json(run_dir / "metrics.json", metrics)
+        except (KdError, OSError) as e:  # e.g. the disk is full: say so, keep the run's own outcome
+            log.warning(f"warning  could not write {run_dir / 'metrics.json'}: {e}")
         return metrics
 
-    write_json(run_dir / "metrics.json", metrics)  # a run killed outright still says "running"
-    try:
-        import_user_modules(cfg.imports)
-        validate(cfg, command)
-        device = resolve_device(cfg.device)
-        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        seed_everything(int(cfg.seed), bool(OmegaConf.select(cfg, "trainer.deterministic", default=False)))
-        result = run(cfg, Context(run_dir, device, multirun))
-        finish("completed", **result)
-        console.print(f"Run directory: {run_dir}")
-        return metrics
-    except KdError as e:
-        error(str(e))
-        finish("failed", error=str(e))
-        Outcome.failed = True
-        if multirun:
+    with interrupt.handled():
+        try:
+            write_json(run_dir / "metrics.json", metrics)  # a run killed outright still says "running"
+            import_user_modules(cfg.imports)
+            validate(cfg, command)
+            device = resolve_device(cfg.device)
+            ctx = Context(run_dir, device, multirun, metrics=metrics)
+            source = _resume_source(cfg, command, run_dir)
+            if source is not None:
+                ctx.resume, ctx.previous = True, resume.read_metrics(source) if source != run_dir else previous
+                if source != run_dir:
+                    resume.adopt(source, run_dir)
+                    metrics["resumed_from"] = str(source)
+                    log.info(f"resume   continuing {source} in {run_dir}")
+                for key in ("teacher_run", "teacher_checkpoints"):
+                    if key in ctx.previous:
+                        metrics[key] = ctx.previous[key]
+                write_json(run_dir / "metrics.json", metrics)
+            write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            seed_everything(int(cfg.seed), bool(OmegaConf.select(cfg, "trainer.deterministic", default=False)))
+            result = run(cfg, ctx)
+            finish("completed", **result)
+            console.print(f"Run directory: {run_dir}")
             return metrics
-        if full_error():
+        except KdError as e:
+            error(str(e))
+            finish("failed", error=str(e))
+            Outcome.failed = True
+            if multirun:
+                return metrics
+            if full_error():
+                raise
+            raise SystemExit(1) from None
+        except KeyboardInterrupt as e:
+            signum = e.signum if isinstance(e, interrupt.Interrupted) else signal.SIGINT
+            hint = _stop_hint(command, run_dir, multirun)
+            finish("interrupted", signal=signal.Signals(signum).name, resume=hint)
+            console.print(f"[yellow]Interrupted ({signal.Signals(signum).name}).[/yellow] {hint}", highlight=False)
+            raise SystemExit(128 + signum) from None
+        except Exception as e:
+            finish("failed", error=f"{type(e).__name__}: {e}")
+            Outcome.failed = True
+            if multirun:
+                log.exception("job failed")
+                return metrics
             raise
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        finish("interrupted")
-        raise
-    except Exception as e:
-        finish("failed", error=f"{type(e).__name__}: {e}")
-        Outcome.failed = True
-        if multirun:
-            log.exception("job failed")
-            return metrics
-        raise
 
 
 def hydra_app(command: str, run: Callable[[DictConfig, Context], dict]) -> Callable[[], None]:

@@ -17,6 +17,7 @@ from kdcli.files import atomic_write
 from kdcli.models import build_model
 
 FORMAT = "kdcli-checkpoint"
+RESUME_FORMAT = "kdcli-training-state"  # checkpoints/<roles>_resume.pt: everything a run needs to continue
 VERSION = 1
 
 
@@ -31,11 +32,23 @@ def save(path: Path, model: nn.Module, *, arch: dict, data: dict, role: str, **e
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
     }
-    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    write(path, ckpt)
 
 
-def load(path: str | Path) -> dict:
-    """Read and check a checkpoint; every failure is a KdError naming the file."""
+def write(path: Path, obj: dict) -> None:
+    """torch.save through a Python file object, so that a full disk is an OSError with its errno
+    (atomic_write turns it into a KdError) rather than an opaque error of torch's own writer."""
+
+    def dump(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    atomic_write(path, dump)
+
+
+def load(path: str | Path, kind: str = FORMAT) -> dict:
+    """Read and check a checkpoint (or, with kind=RESUME_FORMAT, a training state); every
+    failure is a KdError naming the file."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise KdError(
@@ -57,10 +70,11 @@ def load(path: str | Path) -> dict:
             f"Cannot read checkpoint {path}: the file is truncated, corrupt or not a PyTorch file "
             f"({type(e).__name__}: {detail}). Re-run the command that wrote it, or point to another checkpoint."
         ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != kind:
+        what = "training state" if kind == RESUME_FORMAT else "checkpoint"
         raise KdError(
-            f"{path} is a PyTorch file but not a kdcli checkpoint (no '{FORMAT}' header). "
-            "kdcli needs the checkpoints written by `kd train-teacher` or `kd distill`."
+            f"{path} is a PyTorch file but not a kdcli {what} (no '{kind}' header). "
+            "kdcli needs the files written by `kd train-teacher` or `kd distill`."
         )
     return ckpt
 

@@ -20,6 +20,7 @@ COMMANDS = {
     "evaluate": ("evaluate", "compare checkpoints side by side: accuracy, NLL, size, agreement"),
     "export": ("export", "export a model to TorchScript and ONNX, checked against PyTorch"),
     "list": ("list", "list the registered models, losses and datasets"),
+    "report": ("report", "summarise an existing sweep directory (or one run directory) again"),
 }
 
 USAGE = "usage: kd <command> [key=value ...] [-m] [--cfg job] [--help]"
@@ -80,6 +81,8 @@ def _prepare(command: str, args: list[str]) -> list[str]:
     from kdcli.registry import import_user_modules, load_builtins, load_plugins
 
     parsed = _parse(_overrides(args))
+    if command in ("train_teacher", "distill"):
+        _check_resume(command, parsed)
     for o in parsed:
         if o.key_or_group == "imports" and not o.is_sweep_override():
             if not isinstance(o.value(), list):
@@ -89,6 +92,31 @@ def _prepare(command: str, args: list[str]) -> list[str]:
     load_plugins()
     register_configs()
     return _check_overrides(command, parsed)
+
+
+def resumed_overrides(args: list[str]) -> list[str]:
+    """With resume=RUN_DIR, that run's own overrides come first, so `kd distill resume=DIR`
+    continues the run as it was configured; the ones given now follow (and must agree)."""
+    given = [a for a in _overrides(args) if a.startswith("resume=")]
+    value = given[-1].split("=", 1)[1] if given else None
+    if value in (None, "auto", "null") or "," in value:
+        return args
+    import yaml
+
+    from kdcli.resume import run_dir_of
+
+    f = run_dir_of(value) / ".hydra" / "overrides.yaml"
+    before = [o for o in (yaml.safe_load(f.read_text()) or []) if not o.startswith("resume=")] if f.is_file() else []
+    return before + args
+
+
+def _check_resume(command: str, parsed: list) -> None:
+    for o in parsed:
+        if o.key_or_group == "resume" and o.is_sweep_override():
+            raise KdError(
+                "resume= takes one run directory or auto, not a sweep. To finish a sweep, re-run it with "
+                "hydra.sweep.dir=<its directory> resume=auto."
+            )
 
 
 def _values(o) -> list[str]:
@@ -191,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
             from kdcli.commands import list_cmd
 
             return list_cmd.main(args)
+        if command == "report":
+            from kdcli.commands import report_cmd
+
+            return report_cmd.main(args)
+        if command in ("train_teacher", "distill"):
+            args = resumed_overrides(args)
         smoke = _prepare(command, args)
         if smoke:  # right after debug=smoke, among the other overrides (argparse wants them together)
             at = args.index("debug=smoke") + 1

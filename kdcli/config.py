@@ -26,6 +26,8 @@ class TrainerConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     progress: bool = True  # progress bar when writing to a terminal (never in sweeps)
     label_smoothing: float = 0.0  # of the hard-label cross-entropy (teacher training and the alpha term)
+    save_every_min: Optional[float] = 30.0  # also save the training state mid-epoch this often (null: epoch ends)
+    nonfinite: str = "stop"  # a NaN/inf loss: stop (keeping the last good checkpoints) or skip the step
 
 
 @dataclass
@@ -45,6 +47,7 @@ class TrainTeacherConfig(CommonConfig):
     scheduler: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     augment: str = "standard"  # standard: dataset.shift / dataset.flip on the training split; none
+    resume: Optional[str] = None  # auto (the latest unfinished run of this config) or a run directory
 
 
 @dataclass
@@ -256,6 +259,12 @@ def validate(cfg: DictConfig, command: str) -> None:
             f"augment={cfg.augment}: choose standard (the dataset's shifts/flips) or none.",
         )
         _at_least(cfg, "trainer.label_smoothing", 0)
+        _at_least(cfg, "trainer.save_every_min", 0, nullable=True, strict=True)
+        _check(
+            cfg.trainer.nonfinite in ("stop", "skip"),
+            f"trainer.nonfinite={cfg.trainer.nonfinite}: choose stop (end the run at a NaN/inf loss) or skip "
+            "(skip that step).",
+        )
         _check(
             cfg.trainer.label_smoothing < 1,
             f"trainer.label_smoothing must be in [0, 1) (got {cfg.trainer.label_smoothing}).",

@@ -10,9 +10,7 @@ the test split.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +20,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdcli import checkpoint
+from kdcli import checkpoint, interrupt
+from kdcli import resume as resume_mod
 from kdcli.data import DeviceData
 from kdcli.data.device import DeviceSplit
 from kdcli.data.stream import StreamData, StreamSplit
 from kdcli.errors import KdError
+from kdcli.files import append_jsonl
 from kdcli.losses.objective import Objective
 from kdcli.losses.taps import Taps
 from kdcli.models import count_params
@@ -146,6 +146,7 @@ def fit(
     epochs: Optional[int] = None,
     hint: bool = False,
     show_progress: bool = False,
+    resume: bool = False,
 ) -> dict[str, FitResult] | FitResult:
     """Train the trainees together on data.train, one shared batch per step.
 
@@ -155,7 +156,11 @@ def fit(
     nodes and the seed. Per trainee: checkpoints run_dir/checkpoints/{role}_best.pt (best on
     validation) and {role}_last.pt, one metrics.jsonl line per epoch, test accuracy of both.
     hint=True runs a FitNets first stage (hint terms only) and returns the last weights, since
-    validation accuracy means nothing there. A single Trainee gives a single FitResult."""
+    validation accuracy means nothing there. A single Trainee gives a single FitResult.
+
+    A training state (kdcli/resume.py) is saved at each epoch's end, every
+    trainer.save_every_min minutes and on Ctrl-C/SIGTERM; with resume=True the loop continues
+    from the one in run_dir, or returns its results if the loop had finished."""
     single = isinstance(trainees, Trainee)
     trainees = [trainees] if single else list(trainees)
     tcfg = cfg.trainer
@@ -167,19 +172,28 @@ def fit(
         params = list(t.model.parameters()) + list(t.objective.parameters())
         t.optimizer = build_optimizer(params, cfg.optimizer)
         t.scheduler = build_scheduler(t.optimizer, cfg.scheduler, steps, epochs)
-    generator = torch.Generator(device=data.device).manual_seed(int(cfg.seed))
     for teacher in teachers:
         teacher.model.eval()
     use_teachers = any(t.objective.needs_teacher and not t.sources for t in trainees) and len(teachers) > 0
     keep = "last" if hint else "best"
-
     ckpt_dir = Path(run_dir) / "checkpoints"
-    state = {t.role: {"best_acc": -1.0, "best_epoch": 0, "best_state": None, "rows": []} for t in trainees}
-    started = time.perf_counter()
-    label = "+".join(t.role for t in trainees)
-    with progress_bar(show_progress, label, epochs * steps) as advance:
-        for epoch in range(1, epochs + 1):
+    roles = [t.role for t in trainees]
+    loop = _Loop(trainees, data, cfg, resume_mod.state_path(ckpt_dir, roles), epochs, steps)
+    if resume and loop.path.is_file():
+        saved = resume_mod.load(loop.path)
+        if saved.get("status") == "completed":
+            return _finished(trainees, saved, ckpt_dir, single)
+        loop.restore(saved)
+        resume_mod.trim_metrics(Path(run_dir) / "metrics.jsonl", roles, loop.epochs_done)
+        log.info(f"{'+'.join(roles):<8} resuming after epoch {loop.epochs_done} + {loop.step} step(s) from {loop.path}")
+
+    started = time.perf_counter() - loop.elapsed
+    with progress_bar(show_progress, "+".join(roles), epochs * steps) as advance, interrupt.training():
+        for _ in range(loop.epochs_done * steps + loop.step):
+            advance()
+        for epoch in range(loop.epochs_done + 1, epochs + 1):
             t0 = time.perf_counter()
+            loop.start_epoch(epoch)
             sched = {}
             for t in trainees:
                 t.model.train()
@@ -190,9 +204,9 @@ def fit(
                         f"{list(t.freeze)} covers the whole model). Freeze fewer modules."
                     )
                 sched[t.role] = t.objective.set_epoch(epoch, epochs, hint=hint)
-            sums = {t.role: torch.zeros(2, device=data.device) for t in trainees}  # loss, correct
-            seen = 0
-            for step, (x, y, idx) in enumerate(data.train_batches(tcfg.batch_size, generator)):
+            for step, (x, y, idx) in enumerate(
+                data.train_batches(tcfg.batch_size, loop.epoch_seed, start=loop.step), start=loop.step
+            ):
                 if step >= steps:
                     break
                 t_logits, t_feats = None, []
@@ -202,6 +216,7 @@ def fit(
                         t_feats = [f for teacher in teachers if teacher.taps for f in teacher.taps.take()]
                 outs = {t.role: _forward(t, x) for t in trainees}
                 total = 0.0
+                batch_sums = []
                 for t in trainees:
                     logits, feats, _ = outs[t.role]
                     if t.sources:
@@ -220,26 +235,35 @@ def fit(
                     else:
                         loss, _ = t.objective(logits, t_logits, y, feats, t_feats, idx)
                     total = total + loss
-                    sums[t.role] += torch.stack([loss.detach() * len(y), (logits.detach().argmax(1) == y).sum()])
+                    batch_sums.append(torch.stack([loss.detach() * len(y), (logits.detach().argmax(1) == y).sum()]))
                 for t in trainees:
                     t.optimizer.zero_grad(set_to_none=True)
-                total.backward()
+                if loop.step_is_finite(total, epoch, step):
+                    total.backward()
+                    for t, bs in zip(trainees, batch_sums):
+                        loop.sums[t.role] += bs
+                        if tcfg.grad_clip:  # the model's and the objective's (adapters) parameters
+                            params = [p for g in t.optimizer.param_groups for p in g["params"]]
+                            nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+                        t.optimizer.step()
+                    loop.seen += len(y)
                 for t in trainees:
-                    if tcfg.grad_clip:  # the model's and the objective's (adapters) parameters
-                        params = [p for g in t.optimizer.param_groups for p in g["params"]]
-                        nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-                    t.optimizer.step()
                     if t.scheduler is not None:
                         t.scheduler.step()
-                seen += len(y)
+                loop.step = step + 1
                 advance()
+                if interrupt.requested() is not None:
+                    loop.save(started)
+                    interrupt.check()
+                loop.save_if_due(started)
+            loop.end_epoch(epoch)
             for t in trainees:
                 _end_epoch(
                     keep,
                     t,
-                    state[t.role],
-                    sums[t.role],
-                    seen,
+                    loop.best[t.role],
+                    loop.sums[t.role],
+                    loop.seen,
                     epoch,
                     epochs,
                     sched[t.role],
@@ -248,11 +272,13 @@ def fit(
                     run_dir,
                     ckpt_dir,
                     t0,
+                    loop.skipped,
                 )
+            loop.save(started)
 
     results = {}
     for t in trainees:
-        st = state[t.role]
+        st = loop.best[t.role]
         model = t.model
         test_last = evaluate(model, data.test, tcfg.eval_batch_size)
         if keep == "best":
@@ -268,12 +294,175 @@ def fit(
             "train_s": time.perf_counter() - started,
             "checkpoint": str(ckpt_dir / f"{t.role}_{keep}.pt"),
         }
+        if loop.skipped_total:
+            metrics["skipped_steps"] = loop.skipped_total
         results[t.role] = FitResult(model, metrics, ckpt_dir / f"{t.role}_best.pt", ckpt_dir / f"{t.role}_last.pt")
+    # The finished loop's state shrinks to its results: a resumed run reuses them.
+    resume_mod.save(loop.path, status="completed", keep=keep, results={r: res.metrics for r, res in results.items()})
     return results[trainees[0].role] if single else results
 
 
+def _finished(trainees: list[Trainee], saved: dict, ckpt_dir: Path, single: bool):
+    """The results of a loop that had finished before the run stopped, weights from its checkpoints."""
+    results = {}
+    for t in trainees:
+        metrics = dict(saved["results"][t.role])
+        path = ckpt_dir / f"{t.role}_{saved['keep']}.pt"
+        t.model.load_state_dict(checkpoint.load(path)["state_dict"])
+        metrics["checkpoint"] = str(path)
+        results[t.role] = FitResult(t.model, metrics, ckpt_dir / f"{t.role}_best.pt", ckpt_dir / f"{t.role}_last.pt")
+    log.info(f"{'+'.join(results):<8} already trained before the run stopped: its results and checkpoints are kept")
+    return results[trainees[0].role] if single else results
+
+
+class _Loop:
+    """The position and the running figures of a training loop, and its training state on disk."""
+
+    def __init__(self, trainees: list[Trainee], data, cfg, path: Path, epochs: int, steps: int):
+        self.trainees, self.data, self.cfg, self.path = trainees, data, cfg, path
+        self.epochs, self.steps = epochs, steps
+        self.seeds = torch.Generator().manual_seed(int(cfg.seed))  # one seed per epoch: order and augmentation
+        self.epochs_done, self.step, self.epoch_seed = 0, 0, 0
+        self.best = {t.role: {"best_acc": -1.0, "best_epoch": 0, "best_state": None, "rows": []} for t in trainees}
+        self.sums: dict = {}
+        self.seen = self.skipped = self.skipped_total = 0
+        self.first_skip: Optional[int] = None
+        self.elapsed = 0.0
+        self.every = float(cfg.trainer.get("save_every_min") or 0) * 60
+        self.last_save = time.perf_counter()
+        self.nonfinite = cfg.trainer.get("nonfinite", "stop")
+        self.bad = torch.tensor(-1, device=data.device)  # first step (of the run) with a non-finite loss
+
+    def start_epoch(self, epoch: int) -> None:
+        if self.step == 0:  # a fresh epoch (not the rest of an interrupted one)
+            self.epoch_seed = int(torch.randint(0, 2**62, (1,), generator=self.seeds))
+            self.sums = {t.role: torch.zeros(2, device=self.data.device) for t in self.trainees}
+            self.seen = self.skipped = 0
+            self.first_skip = None
+
+    def step_is_finite(self, total: torch.Tensor, epoch: int, step: int) -> bool:
+        """With nonfinite=stop, record the first bad step without waiting for the device (checked
+        before anything is saved); with nonfinite=skip, say whether to apply this step."""
+        finite = torch.isfinite(total.detach())
+        global_step = (epoch - 1) * self.steps + step + 1
+        if self.nonfinite == "skip":
+            if bool(finite):
+                return True
+            self.skipped += 1
+            self.skipped_total += 1
+            self.first_skip = self.first_skip or step + 1
+            return False
+        self.bad = torch.where(~finite & (self.bad < 0), global_step, self.bad)
+        return True
+
+    def _check_finite(self) -> None:
+        bad = int(self.bad)
+        if bad < 0:
+            return
+        epoch, step = (bad - 1) // self.steps + 1, (bad - 1) % self.steps + 1
+        temperature = f" or an extreme temperature (T={self.cfg.T})" if "T" in self.cfg else ""
+        lasts = [p for t in self.trainees if (p := self.path.parent / f"{t.role}_last.pt").is_file()]
+        kept = (
+            f"The last good checkpoints are kept: {', '.join(map(str, lasts))} (epoch {self.epochs_done})."
+            if lasts and self.epochs_done
+            else "No epoch had finished: no checkpoint was written."
+        )
+        raise KdError(
+            f"The training loss became NaN or infinite at step {step} of epoch {epoch} (step {bad} of the run). "
+            f"Likely causes: a learning rate too high (optimizer.lr={self.cfg.optimizer.lr}){temperature}, or "
+            f"inputs with NaNs. {kept} Fix: lower optimizer.lr or set trainer.grad_clip=1.0; "
+            "trainer.nonfinite=skip skips such steps instead of stopping."
+        )
+
+    def end_epoch(self, epoch: int) -> None:
+        self._check_finite()
+        if self.seen == 0:
+            raise KdError(
+                f"Every step of epoch {epoch} had a non-finite loss (trainer.nonfinite=skip skipped all "
+                f"{self.skipped}). Lower optimizer.lr (now {self.cfg.optimizer.lr}) or check the inputs."
+            )
+        if self.skipped:
+            log.warning(
+                f"warning  epoch {epoch}: skipped {self.skipped} of {self.steps} steps with a non-finite loss "
+                f"(first at step {self.first_skip}); a lower optimizer.lr (now {self.cfg.optimizer.lr}) may help"
+            )
+        for t in self.trainees:
+            bad = [n for n, v in t.model.state_dict().items() if v.is_floating_point() and not bool(v.isfinite().all())]
+            if bad:
+                raise KdError(
+                    f"{t.role}: the model's {', '.join(bad[:3])} hold NaN or infinite values after epoch {epoch}. "
+                    f"Lower optimizer.lr (now {self.cfg.optimizer.lr}) or check the inputs."
+                )
+        self.epochs_done, self.step = epoch, 0
+
+    def save_if_due(self, started: float) -> None:
+        if self.every and time.perf_counter() - self.last_save >= self.every and self.step < self.steps:
+            self.save(started)
+
+    def save(self, started: float) -> None:
+        """Write the training state at the current position (never past a non-finite loss)."""
+        self._check_finite()
+        device = self.data.device
+        models = {
+            t.role: {
+                "model": t.model.state_dict(),
+                "optimizer": t.optimizer.state_dict(),
+                "scheduler": t.scheduler.state_dict() if t.scheduler is not None else None,
+                "objective": t.objective.state_dict(),
+                **self.best[t.role],
+            }
+            for t in self.trainees
+        }
+        resume_mod.save(
+            self.path,
+            status="running",
+            epochs=self.epochs,
+            epochs_done=self.epochs_done,
+            step=self.step,
+            epoch_seed=self.epoch_seed,
+            seeds=self.seeds.get_state(),
+            rng=resume_mod.rng_state(device),
+            sums={k: v.cpu() for k, v in self.sums.items()},
+            seen=self.seen,
+            skipped=[self.skipped, self.skipped_total],
+            elapsed=time.perf_counter() - started,
+            trainees=models,
+        )
+        self.last_save = time.perf_counter()
+
+    def restore(self, saved: dict) -> None:
+        device = self.data.device
+        roles = [t.role for t in self.trainees]
+        if sorted(saved["trainees"]) != sorted(roles) or saved["epochs"] != self.epochs:
+            raise KdError(
+                f"The training state {self.path} is of {'+'.join(saved['trainees'])} for {saved['epochs']} epochs, "
+                f"not of {'+'.join(roles)} for {self.epochs}: it belongs to another configuration."
+            )
+        try:
+            for t in self.trainees:
+                s = saved["trainees"][t.role]
+                t.model.load_state_dict(s["model"])
+                t.objective.load_state_dict(s["objective"])
+                t.optimizer.load_state_dict(s["optimizer"])
+                if t.scheduler is not None:
+                    t.scheduler.load_state_dict(s["scheduler"])
+                self.best[t.role] = {k: s[k] for k in ("best_acc", "best_epoch", "best_state", "rows")}
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise KdError(
+                f"The training state {self.path} does not fit this run's models ({str(e).splitlines()[0]}): "
+                "it belongs to another configuration."
+            ) from None
+        self.epochs_done, self.step, self.epoch_seed = saved["epochs_done"], saved["step"], saved["epoch_seed"]
+        self.seeds.set_state(saved["seeds"])
+        self.sums = {k: v.to(device) for k, v in saved["sums"].items()}
+        self.seen = saved["seen"]
+        self.skipped, self.skipped_total = saved["skipped"]
+        self.elapsed = saved["elapsed"]
+        resume_mod.set_rng_state(saved["rng"], device)
+
+
 def _end_epoch(
-    keep: str, t: Trainee, st: dict, sums, seen, epoch, epochs, sched, data, cfg, run_dir, ckpt_dir, t0
+    keep: str, t: Trainee, st: dict, sums, seen, epoch, epochs, sched, data, cfg, run_dir, ckpt_dir, t0, skipped
 ) -> None:
     """Validation, checkpoints, the metrics line and the log line of one trainee's epoch."""
     tcfg = cfg.trainer
@@ -281,12 +470,6 @@ def _end_epoch(
     loss_sum, correct = sums.tolist()
     train_loss = loss_sum / seen
     last_path = ckpt_dir / f"{role}_last.pt"
-    if not math.isfinite(train_loss):
-        raise KdError(
-            f"{role}: the training loss became {train_loss} in epoch {epoch}. Likely causes: a "
-            f"learning rate too high (optimizer.lr={cfg.optimizer.lr}) or an extreme temperature. "
-            f"The last good checkpoint is {last_path if epoch > 1 else 'none (first epoch)'}."
-        )
     val = evaluate(t.model, data.val, tcfg.eval_batch_size)
     row = {
         "role": role,
@@ -299,6 +482,8 @@ def _end_epoch(
         **sched,
         "epoch_s": time.perf_counter() - t0,
     }
+    if skipped:
+        row["skipped_steps"] = skipped
     st["rows"].append(row)
     improved = val["acc"] > st["best_acc"] and keep == "best"
     if improved:
@@ -306,8 +491,7 @@ def _end_epoch(
         st["best_state"] = copy.deepcopy(t.model.state_dict())
         checkpoint.save(ckpt_dir / f"{role}_best.pt", t.model, role=role, epoch=epoch, metrics=row, **t.ckpt_meta)
     checkpoint.save(last_path, t.model, role=role, epoch=epoch, metrics=row, **t.ckpt_meta)
-    with open(Path(run_dir) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_jsonl(Path(run_dir) / "metrics.jsonl", row)
     if epoch == min(2, epochs) and val["acc"] <= 1.5 / data.info.num_classes:
         log.warning(
             f"warning  {role}: validation accuracy {val['acc']:.1%} is at chance after {epoch} epoch(s); the "

@@ -1,30 +1,62 @@
 """Writes that a crash cannot leave half done: a temporary file in the same directory, then
-a rename over the target."""
+a rename over the target. A full disk is reported as such, with the previous file intact."""
 
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from kdcli.errors import KdError
+
+# The errors of a write that more space (or a larger quota or file-size limit) would have let through.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def no_space(path: Path) -> KdError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return KdError(
+        f"No space left to write {path} ({free} on that disk). The previous version of the file, if any, is "
+        "intact. Free some space (or set runs_dir=... to another disk), then continue the run with resume=auto."
+    )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`:
-    a crash mid-write leaves the previous file intact."""
+    a crash mid-write leaves the previous file intact. A full disk raises a KdError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the file gets the usual permissions
+    except OSError as e:
+        if e.errno in NO_SPACE:
+            raise no_space(path) from None
+        raise
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            raise no_space(path) from None
         raise
 
 
@@ -33,7 +65,11 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, write)
 
 
 def write_csv(path: Path, fieldnames: list[str], rows: list[dict]) -> None:
@@ -44,3 +80,20 @@ def write_csv(path: Path, fieldnames: list[str], rows: list[dict]) -> None:
             writer.writerows(rows)
 
     atomic_write(path, write)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file ([] if it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """Append one row, rewriting the (small) file atomically: a kill never leaves half a line."""
+    write_jsonl(path, read_jsonl(path) + [row])

@@ -117,9 +117,17 @@ def summarise_sweep(sweep_dir: Path) -> list[dict]:
     console.print(
         table(title, shown, ([pct(r.get(f)) if f in SUMMARY_FIELDS else r.get(f) for f in shown] for r in rows))
     )
-    for r in rows:
-        if r["status"] != "completed":
-            console.print(f"[red]job {r['job']} {r['status']}[/red]: {r.get('error', '')}", highlight=False)
+    unfinished = [r for r in rows if r["status"] != "completed"]
+    for r in unfinished:
+        console.print(f"[red]job {r['job']} {r['status']}[/red]: {escape(r.get('error', ''))}", highlight=False)
+    if unfinished:
+        console.print(
+            f"To finish the unfinished jobs in place: re-run the same sweep command with "
+            f"hydra.sweep.dir={sweep_dir} resume=auto (completed jobs are kept).",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,  # a path to copy: never broken
+        )
     if len(swept) == 1 and swept[0] != "seed":
         _plot_sweep(rows, swept[0], figures, sweep_dir / "summary.png")
     if "seed" in swept:

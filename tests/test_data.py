@@ -59,13 +59,23 @@ def test_limit_takes_a_random_subset_of_every_split():
 def test_device_batches_cover_the_epoch_once():
     s = load_splits({**MNIST5K, "limit": 300}, "unused")
     data = DeviceData(s, torch.device("cpu"))
-    g = torch.Generator().manual_seed(0)
-    xs = torch.cat([x for x, _, _ in data.train_batches(64, g)])
+    xs = torch.cat([x for x, _, _ in data.train_batches(64, 0)])
     assert xs.shape == (256, 1, 28, 28)  # 4 full batches of 64; the partial batch of 44 is dropped
     # Each batch row is a distinct training image: no image is drawn twice in an epoch.
     rows = {bytes(r.numpy()) for r in xs.flatten(1)}
     train = {bytes(r.numpy()) for r in data.train.x.flatten(1)}
     assert len(rows) == 256 and rows <= train
+
+
+def test_an_epoch_continues_exactly_at_any_batch():
+    """Resuming mid-epoch: batches from `start` on are those of the whole epoch, augmentation included."""
+    s = load_splits({**MNIST5K, "limit": 300}, "unused")
+    data = DeviceData(s, torch.device("cpu"), shift=2, flip=True)
+    whole = list(data.train_batches(64, 7))
+    rest = list(data.train_batches(64, 7, start=2))
+    assert len(whole) == 4 and len(rest) == 2
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) for a, b in zip(whole[2:], rest))
+    assert not torch.equal(whole[0][0], list(data.train_batches(64, 8))[0][0])  # another seed, another epoch
 
 
 def test_shift_moves_pixels_and_fills_with_background():

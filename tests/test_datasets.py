@@ -172,13 +172,15 @@ def test_streamed_training_batches_cover_the_epoch_and_repeat_with_the_seed(tmp_
     _, streamed = _stream_and_memory(s, shift=4, flip=True)
 
     def epoch(seed):
-        return list(streamed.train_batches(16, torch.Generator().manual_seed(seed)))
+        return list(streamed.train_batches(16, seed))
 
     first, again, other = epoch(0), epoch(0), epoch(1)
     assert [len(b[0]) for b in first] == [16, 16]  # the partial batch is dropped
     idx = torch.cat([b[2] for b in first])
     assert len(set(idx.tolist())) == 32 and torch.equal(torch.cat([b[1] for b in first]), s.train.y[idx])
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))  # order and crops follow the seed
+    resumed = list(streamed.train_batches(16, 0, start=1))  # an interrupted epoch continues at batch 1
+    assert len(resumed) == 1 and torch.equal(resumed[0][0], first[1][0]) and torch.equal(resumed[0][2], first[1][2])
     assert not torch.equal(idx, torch.cat([b[2] for b in other]))
 
 
@@ -187,7 +189,7 @@ def test_stream_crops_pad_with_black_like_the_in_memory_path(tmp_path):
     image_folder(tmp_path / "test", ["a", "b"], 1, size=(16, 16))
     s = load_splits(cfg("imagefolder", root=str(tmp_path), val_size=2), str(tmp_path))
     memory, streamed = _stream_and_memory(s, shift=4)
-    batch = torch.cat([b[0] for b in streamed.train_batches(4, torch.Generator().manual_seed(0))])
+    batch = torch.cat([b[0] for b in streamed.train_batches(4, 0)])
     black = memory.fill.view(-1, 1)
 
     def padded(img):  # a whole border row or column is black padding
@@ -233,10 +235,10 @@ def test_streamed_augmentation_does_not_depend_on_the_worker_count(tmp_path):
     batches = []
     for workers in (0, 1, 2):
         data = open_data(s, torch.device("cpu"), shift=4, flip=True, storage="stream", workers=workers)
-        batches.append(torch.cat([b[0] for b in data.train_batches(8, torch.Generator().manual_seed(3))]))
+        batches.append(torch.cat([b[0] for b in data.train_batches(8, 3)]))
     assert torch.equal(batches[0], batches[1]) and torch.equal(batches[0], batches[2])
     again = open_data(s, torch.device("cpu"), shift=4, flip=True, storage="stream", workers=0)
-    assert torch.equal(torch.cat([b[0] for b in again.train_batches(8, torch.Generator().manual_seed(3))]), batches[0])
+    assert torch.equal(torch.cat([b[0] for b in again.train_batches(8, 3)]), batches[0])
 
 
 def test_class_folders_named_by_numbers_are_chosen_by_name(tmp_path):

@@ -82,25 +82,35 @@ def _check_teacher_arch(ckpt: dict, path: Path, asked: dict) -> None:
 
 def obtain_teacher(cfg, data: DeviceData, ctx: Context) -> tuple:
     """Teacher from teacher.ckpt, else the latest matching train-teacher run, else train one
-    now (as a train-teacher run of its own, so later runs and sweeps reuse it)."""
+    now (as a train-teacher run of its own, so later runs and sweeps reuse it). A resumed run
+    uses the teacher its first part used, and finishes training it if it was training it."""
     dataset_cfg = dataset_config(cfg)
     path = cfg.teacher.ckpt
     if path:
         source = "teacher.ckpt"
     else:
         spec = model_spec(cfg.teacher)
-        path = find_teacher_run(cfg.runs_dir, spec, dataset_cfg)
+        unfinished = ctx.previous.get("teacher_run") if ctx.resume else None
+        path = None if unfinished else find_teacher_run(cfg.runs_dir, spec, dataset_cfg)
         source = "latest train-teacher run"
         if path is None:
-            stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
-            run_dir = Path(cfg.runs_dir).expanduser().resolve() / "train_teacher" / stamp
-            log.info(
-                f"teacher  no trained {spec['name']} teacher for this dataset under {Path(cfg.runs_dir).expanduser()}; "
-                f"training one first in {run_dir} (or pass teacher.ckpt=PATH)"
-            )
-            run_dir.mkdir(parents=True)
+            if unfinished:
+                run_dir = Path(unfinished)
+                log.info(f"teacher  continuing the teacher this run was training, in {run_dir}")
+            else:
+                stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+                run_dir = Path(cfg.runs_dir).expanduser().resolve() / "train_teacher" / stamp
+                log.info(
+                    f"teacher  no trained {spec['name']} teacher for this dataset under "
+                    f"{Path(cfg.runs_dir).expanduser()}; training one first in {run_dir} (or pass teacher.ckpt=PATH)"
+                )
+            run_dir.mkdir(parents=True, exist_ok=True)
+            ctx.note("teacher_run", str(run_dir))
             write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-            figures = train_teacher.train(cfg, data, run_dir, ctx)
+            write_json(
+                run_dir / "metrics.json", {"command": "train_teacher", "status": "running", "for": str(ctx.run_dir)}
+            )
+            figures = train_teacher.train(cfg, data, run_dir, ctx, resume=bool(unfinished))
             write_json(
                 run_dir / "metrics.json",
                 {
@@ -129,10 +139,17 @@ def _load_teacher(path, source: str, data: DeviceData, dataset_cfg: dict, device
 
 
 def obtain_teachers(cfg, data: DeviceData, ctx: Context) -> list[tuple]:
-    """(model, checkpoint, path) of each teacher: teachers=[...] or the single teacher."""
-    if not cfg.teachers:
-        return [obtain_teacher(cfg, data, ctx)]
-    return [_load_teacher(p, "teachers", data, dataset_config(cfg), ctx.device) for p in cfg.teachers]
+    """(model, checkpoint, path) of each teacher: teachers=[...] or the single teacher. A
+    resumed run takes the very checkpoints its first part used."""
+    used = ctx.previous.get("teacher_checkpoints") if ctx.resume else None
+    if used:
+        loaded = [_load_teacher(p, "as before the run stopped", data, dataset_config(cfg), ctx.device) for p in used]
+    elif not cfg.teachers:
+        loaded = [obtain_teacher(cfg, data, ctx)]
+    else:
+        loaded = [_load_teacher(p, "teachers", data, dataset_config(cfg), ctx.device) for p in cfg.teachers]
+    ctx.note("teacher_checkpoints", [str(Path(p).resolve()) for _, _, p in loaded])
+    return loaded
 
 
 def frozen_teachers(loaded: list[tuple], data: DeviceData) -> list[Teacher]:

@@ -73,7 +73,14 @@ class Run:
     def fit(self, trainees, teachers=(), **kw):
         torch.manual_seed(int(self.cfg.seed))  # the same dropout masks in every run
         return fit(
-            trainees, self.data, self.cfg, run_dir=self.ctx.run_dir, teachers=teachers, show_progress=self.show, **kw
+            trainees,
+            self.data,
+            self.cfg,
+            run_dir=self.ctx.run_dir,
+            teachers=teachers,
+            show_progress=self.show,
+            resume=self.ctx.resume,
+            **kw,
         )
 
     def record(self, role: str, label: str, res, spec: dict) -> None:

@@ -14,8 +14,9 @@ from kdcli.models import count_flops
 from kdcli.report import console, pct, table
 
 
-def train(cfg, data: DeviceData, run_dir: Path, ctx: Context) -> dict:
-    """Train cfg.teacher on `data`; returns the teacher's figures (also used by distill)."""
+def train(cfg, data: DeviceData, run_dir: Path, ctx: Context, resume: bool | None = None) -> dict:
+    """Train cfg.teacher on `data`; returns the teacher's figures (also used by distill).
+    resume (default: ctx.resume) continues from the training state in run_dir."""
     model, spec = new_model(cfg.teacher, data, ctx.device, int(cfg.seed))
     objective = Objective(label_smoothing=float(cfg.trainer.label_smoothing))
     result = fit(
@@ -24,6 +25,7 @@ def train(cfg, data: DeviceData, run_dir: Path, ctx: Context) -> dict:
         cfg,
         run_dir=run_dir,
         show_progress=ctx.show_progress and cfg.trainer.progress,
+        resume=ctx.resume if resume is None else resume,
     )
     return {"arch": spec, "flops": count_flops(result.model, data.info.input_shape), **result.metrics}
 

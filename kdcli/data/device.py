@@ -30,6 +30,11 @@ class DeviceSplit:
         return DeviceSplit(self.x[:n], self.y[:n])
 
 
+def mix_seed(seed: int, i: int) -> int:
+    """A seed for item i of a stream seeded by `seed` (a Weyl step: distinct for distinct i)."""
+    return (seed + i * 0x9E3779B97F4A7C15) % 2**63
+
+
 def normalise(x_uint8: torch.Tensor, info: DataInfo, device) -> torch.Tensor:
     mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
@@ -68,18 +73,23 @@ class DeviceData:
     def split(self, name: str) -> DeviceSplit:
         return getattr(self, name)
 
-    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+    def train_batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
         """One epoch of shuffled, augmented training batches (x, y, indices into the train split);
         a last partial batch is dropped so every step sees the same batch size (unless the split
-        is smaller than one batch)."""
+        is smaller than one batch). The order follows from `seed` and batch k's augmentation from
+        (seed, k) alone, so an interrupted epoch continues exactly at batch `start`."""
         n = len(self.train)
-        perm = torch.randperm(n, device=self.device, generator=generator)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        perm = torch.randperm(n, device=self.device, generator=g)
         stop = n - n % batch_size if n >= batch_size else n
-        for i in range(0, stop, batch_size):
+        for k, i in enumerate(range(0, stop, batch_size)):
+            if k < start:
+                continue
             idx = perm[i : i + batch_size]
             x = self.train.x[idx]
             if self.shift or self.flip:
-                x = augment_batch(x, self.shift, self.flip, self.fill, generator)
+                g.manual_seed(mix_seed(seed, k + 1))
+                x = augment_batch(x, self.shift, self.flip, self.fill, g)
             yield x, self.train.y[idx], idx
 
     def steps_per_epoch(self, batch_size: int) -> int:

@@ -12,10 +12,12 @@ import os
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
+from kdcli.data.device import mix_seed
 from kdcli.data.splits import DataInfo, Split, Splits
 from kdcli.errors import KdError
+from kdcli.interrupt import ignore_in_worker, requested
 
 log = logging.getLogger("kdcli")
 
@@ -58,7 +60,7 @@ class _Samples(Dataset):
     def __getitem__(self, i: int):
         x = _image(self.split, i)
         if self.augment is not None:
-            x = self.augment(x, (self.epoch_seed + i * 0x9E3779B97F4A7C15) % 2**63)
+            x = self.augment(x, mix_seed(self.epoch_seed, i))
         return (self.transform(x) if self.transform else x), self.split.y[i], i
 
 
@@ -72,14 +74,15 @@ def _loader_error(e: Exception) -> KdError:
 def _iterate(loader: DataLoader):
     try:
         yield from loader
-    except KdError as e:
-        raise _loader_error(e) from None
-    except RuntimeError as e:
-        if "KdError" in str(e):
+    except Exception as e:
+        if requested() is not None:  # stopping on a signal: the loader's failure is part of it
+            return
+        text = str(e)
+        if isinstance(e, KdError) or (isinstance(e, RuntimeError) and "KdError" in text):
             raise _loader_error(e) from None
-        if "DataLoader worker" in str(e) and ("killed" in str(e) or "exited unexpectedly" in str(e)):
+        if isinstance(e, RuntimeError) and "DataLoader worker" in text and ("killed" in text or "exited" in text):
             raise KdError(
-                f"a data loader process died ({str(e).splitlines()[0]}), often for lack of shared memory "
+                f"a data loader process died ({text.splitlines()[0]}), often for lack of shared memory "
                 "(/dev/shm) or memory. Fix: dataset.workers=0 (load in the training process), or give the "
                 "machine or container more shared memory (docker: --shm-size=2g)."
             ) from None
@@ -132,6 +135,7 @@ class StreamSplit:
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
+            worker_init_fn=ignore_in_worker,
             **kwargs,
         )
 
@@ -167,17 +171,16 @@ class StreamData:
     def split(self, name: str) -> StreamSplit:
         return getattr(self, name)
 
-    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
-        """One epoch of shuffled, augmented batches (x, y, indices), as DeviceData's: the order and
-        the workers' random transforms follow from `generator`."""
+    def train_batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+        """One epoch of shuffled, augmented batches (x, y, indices), as DeviceData's: the order
+        follows from `seed`, each sample's random transform from (seed, sample index), so the
+        batches do not depend on the workers and an epoch continues exactly at batch `start`."""
         n = len(self.train)
-        seed = int(torch.randint(0, 2**62, (1,), device=generator.device, generator=generator))
-        order = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        stop = n - n % batch_size if n >= batch_size else n
         samples = self._augmented.samples
         samples.epoch_seed = seed  # read by the workers, which start with each epoch's loader
-        loader = self._augmented.loader(
-            batch_size, sampler=RandomSampler(samples, generator=order), drop_last=n >= batch_size, generator=order
-        )
+        loader = self._augmented.loader(batch_size, sampler=perm[start * batch_size : stop].tolist())
         for x, y, idx in _iterate(loader):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx.to(self.device)
 

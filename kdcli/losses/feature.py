@@ -238,12 +238,22 @@ class CRD(nn.Module):
         self.register_buffer("z", torch.full((2,), -1.0))
         self.generator: torch.Generator | None = None
         self.seed = seed
+        self._saved_generator: torch.Tensor | None = None  # from a training state, applied at the next draw
+
+    def get_extra_state(self) -> dict:  # the noise generator's position, for exact resumption
+        return {"generator": self.generator.get_state() if self.generator is not None else None}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.generator, self._saved_generator = None, state.get("generator")
 
     def sample(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, K + 1) bank indices: each sample itself, then K uniform draws shared by the batch
         (one draw per step keeps memory at K x dim instead of B x K x dim)."""
         if self.generator is None or self.generator.device != idx.device:
             self.generator = torch.Generator(device=idx.device).manual_seed(self.seed)
+            if self._saved_generator is not None:
+                self.generator.set_state(self._saved_generator)
+                self._saved_generator = None
         noise = torch.randint(0, self.n, (self.k,), device=idx.device, generator=self.generator)
         return torch.cat([idx[:, None], noise.expand(len(idx), self.k)], 1)
 

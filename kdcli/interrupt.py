@@ -1,0 +1,85 @@
+"""Ctrl-C and SIGTERM: a first signal during training asks the loop to finish its step, save a
+training state and stop; outside training, or at the second signal, the run stops at once.
+
+Stopping raises `Interrupted` (a KeyboardInterrupt), which the app turns into metrics.json
+`status: interrupted`, a hint on how to resume, and exit code 128 + signal number (130 for
+SIGINT, 143 for SIGTERM). Files are only ever replaced by renames, so stopping at once never
+leaves a half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class _State:
+    requested: int | None = None  # the first signal received while training
+    training = False  # inside a training loop that checks `requested` after each step
+
+
+def requested() -> int | None:
+    return _State.requested
+
+
+def _handler(signum, frame) -> None:
+    if _State.training and _State.requested is None:
+        _State.requested = signum
+        name = signal.Signals(signum).name
+        sys.stderr.write(f"\n{name}: finishing the current step and saving the training state (again to stop now)\n")
+        return
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def handled():
+    """Install the handlers for the duration of a run (main thread only; elsewhere, e.g. in a
+    launcher's worker thread, signals keep their default behaviour)."""
+    try:
+        previous = {s: signal.signal(s, _handler) for s in SIGNALS}
+    except ValueError:  # not the main thread
+        yield
+        return
+    _State.requested, _State.training = None, False
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _State.requested, _State.training = None, False
+
+
+@contextlib.contextmanager
+def training():
+    """Mark a training loop: a first signal in it only sets `requested()`."""
+    _State.training = True
+    try:
+        yield
+    finally:
+        _State.training = False
+
+
+def check() -> None:
+    """Raise Interrupted if a signal was received (the loop calls this at a safe point)."""
+    if _State.requested is not None:
+        raise Interrupted(_State.requested)
+
+
+def ignore_in_worker(_worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: loader processes leave Ctrl-C and SIGTERM to the training
+    process, which stops them when it is done (a terminal sends Ctrl-C to the whole group)."""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
