@@ -183,7 +183,9 @@ def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: Dict
             signum = e.signum if isinstance(e, interrupt.Interrupted) else signal.SIGINT
             hint = _stop_hint(command, run_dir, multirun)
             finish("interrupted", signal=signal.Signals(signum).name, resume=hint)
-            console.print(f"[yellow]Interrupted ({signal.Signals(signum).name}).[/yellow] {hint}", highlight=False)
+            console.print(
+                f"[yellow]Interrupted ({signal.Signals(signum).name}).[/yellow] {hint}", highlight=False, soft_wrap=True
+            )
             raise SystemExit(128 + signum) from None
         except Exception as e:
             finish("failed", error=f"{type(e).__name__}: {e}")

@@ -184,8 +184,9 @@ def fit(
         if saved.get("status") == "completed":
             return _finished(trainees, saved, ckpt_dir, single)
         loop.restore(saved)
-        resume_mod.trim_metrics(Path(run_dir) / "metrics.jsonl", roles, loop.epochs_done)
         log.info(f"{'+'.join(roles):<8} resuming after epoch {loop.epochs_done} + {loop.step} step(s) from {loop.path}")
+    if resume:  # rows written after the state was saved (or before the first one) are written again
+        resume_mod.trim_metrics(Path(run_dir) / "metrics.jsonl", roles, loop.epochs_done)
 
     started = time.perf_counter() - loop.elapsed
     with progress_bar(show_progress, "+".join(roles), epochs * steps) as advance, interrupt.training():
@@ -332,6 +333,7 @@ class _Loop:
         self.last_save = time.perf_counter()
         self.nonfinite = cfg.trainer.get("nonfinite", "stop")
         self.bad = torch.tensor(-1, device=data.device)  # first step (of the run) with a non-finite loss
+        self.lrs: dict[int, float] = {}  # learning rate at each step of the epoch, to report a bad one
 
     def start_epoch(self, epoch: int) -> None:
         if self.step == 0:  # a fresh epoch (not the rest of an interrupted one)
@@ -339,6 +341,7 @@ class _Loop:
             self.sums = {t.role: torch.zeros(2, device=self.data.device) for t in self.trainees}
             self.seen = self.skipped = 0
             self.first_skip = None
+            self.lrs = {}
 
     def step_is_finite(self, total: torch.Tensor, epoch: int, step: int) -> bool:
         """With nonfinite=stop, record the first bad step without waiting for the device (checked
@@ -353,6 +356,7 @@ class _Loop:
             self.first_skip = self.first_skip or step + 1
             return False
         self.bad = torch.where(~finite & (self.bad < 0), global_step, self.bad)
+        self.lrs[global_step] = self.trainees[0].optimizer.param_groups[0]["lr"]
         return True
 
     def _check_finite(self) -> None:
@@ -369,7 +373,8 @@ class _Loop:
         )
         raise KdError(
             f"The training loss became NaN or infinite at step {step} of epoch {epoch} (step {bad} of the run). "
-            f"Likely causes: a learning rate too high (optimizer.lr={self.cfg.optimizer.lr}){temperature}, or "
+            f"Likely causes: a learning rate too high ({self.lrs.get(bad, float('nan')):.3g} at that step; "
+            f"optimizer.lr={self.cfg.optimizer.lr}){temperature}, or "
             f"inputs with NaNs. {kept} Fix: lower optimizer.lr or set trainer.grad_clip=1.0; "
             "trainer.nonfinite=skip skips such steps instead of stopping."
         )

@@ -25,7 +25,8 @@ console = Console(width=None if sys.stdout.isatty() else 120)
 
 def error(message: str) -> None:
     """The one-paragraph error a user sees (the message is printed as is, never as markup)."""
-    console.print("[bold red]error:[/bold red]", escape(message), highlight=False)
+    # soft_wrap: no line breaks inserted, so a path in the message stays whole for copying
+    console.print("[bold red]error:[/bold red]", escape(message), highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
