@@ -5,7 +5,9 @@ name and kwargs) and to feed it (dataset config, input shape, classes, normalisa
 from __future__ import annotations
 
 import pickle
+import pickletools
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +60,13 @@ def load(path: str | Path, kind: str = FORMAT) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load fails in many ways on a bad file; sort them into two
         text = str(e)
-        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text:
-            found = re.search(r"Unsupported (global|operand)[^\n.]*", text)
+        code = re.search(r"GLOBAL ([\w.]+)", text) if zipfile.is_zipfile(path) else None
+        name = code.group(1) if code else _pickled_global(path)
+        if isinstance(e, pickle.UnpicklingError) and name:
             raise KdError(
-                f"Refusing to load {path}: it holds pickled Python objects, not only tensors and containers "
-                f"({found.group(0).strip() if found else 'rejected by weights-only loading'}), and loading it "
-                "could run code. kdcli only reads checkpoints it wrote; re-save the weights as a plain state dict."
+                f"Refusing to load {path}: it holds pickled Python objects (it would import {name}), not only "
+                "tensors and containers, and loading it could run code. kdcli only reads checkpoints it wrote, "
+                "always with weights_only=True and no way around it; re-save the weights as a plain state dict."
             ) from None
         detail = text.splitlines()[0].split(". ")[0] if text else "no detail"  # torch's first sentence
         raise KdError(
@@ -77,6 +80,25 @@ def load(path: str | Path, kind: str = FORMAT) -> dict:
             "kdcli needs the files written by `kd train-teacher` or `kd distill`."
         )
     return ckpt
+
+
+def _pickled_global(path: Path) -> str | None:
+    """For a file that is a bare pickle stream (not torch's zip format): the first global it
+    would import ("module.name"), read from its opcodes without running anything; None if it
+    imports nothing or is not a pickle at all."""
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("GLOBAL", "INST"):
+                    return str(arg).replace(" ", ".")
+                if op.name == "STACK_GLOBAL":
+                    return ".".join(strings[-2:]) if len(strings) >= 2 else "a global"
+                if isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # not a pickle: random bytes, text, a truncated stream
+        return None
+    return None
 
 
 def build_from(ckpt: dict, path: str | Path = "<checkpoint>") -> nn.Module:

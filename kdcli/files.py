@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import glob
 import json
 import os
 import shutil
@@ -53,6 +54,8 @@ def atomic_write(path: Path, write) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno in NO_SPACE:

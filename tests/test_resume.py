@@ -38,6 +38,12 @@ def start(cwd: Path, *args: str, new_session: bool = False) -> subprocess.Popen:
     )
 
 
+def run_kd_in(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    proc = start(cwd, *args)
+    out, _ = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
 def run_dirs(cwd: Path, command: str) -> list[Path]:
     return sorted((cwd / "runs" / command).glob("*/"))
 
@@ -302,3 +308,49 @@ def test_skipping_non_finite_steps_finishes_the_run_and_counts_them(kd):
     run = sorted(run_dirs(kd.dir, "train_teacher"))[-1]
     assert [row.get("skipped_steps") for row in rows(run)] == [3, 3]
     assert json.loads((run / "metrics.json").read_text())["teacher"]["skipped_steps"] == 6
+
+
+def test_a_distill_stopped_while_training_its_teacher_finishes_that_teacher(kd, tmp_path_factory):
+    args = ["teacher=mlp", "student=mlp", *TEACHER[1:], "trainer.epochs=2", "baseline=false"]
+    other = tmp_path_factory.mktemp("reference")  # its own runs_dir: the reference trains its own teacher
+    assert run_kd_in(other, "distill", *args).returncode == 0
+    proc = start(kd.dir, "distill", *args)
+    teacher_runs = lambda: run_dirs(kd.dir, "train_teacher")  # noqa: E731
+    wait_for(lambda: epochs_done(teacher_runs, "teacher")() >= 1, proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    (stopped,) = run_dirs(kd.dir, "distill")
+    (teacher_run,) = teacher_runs()
+    assert json.loads((stopped / "metrics.json").read_text())["teacher_run"] == str(teacher_run)
+    again = kd("distill", *args, "resume=auto")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"continuing the teacher this run was training, in {teacher_run}" in " ".join(again.stdout.split())
+    assert teacher_runs() == [teacher_run]  # no second teacher
+    resumed = [d for d in run_dirs(kd.dir, "distill") if d != stopped][0]
+    ((ref_teacher,), (reference,)) = run_dirs(other, "train_teacher"), run_dirs(other, "distill")
+    assert rows(teacher_run) == rows(ref_teacher) and rows(resumed) == rows(reference)
+    assert same_weights(teacher_run / "checkpoints/teacher_best.pt", ref_teacher / "checkpoints/teacher_best.pt")
+    assert same_weights(resumed / "checkpoints/student_best.pt", reference / "checkpoints/student_best.pt")
+
+
+def test_a_sweep_re_run_in_its_directory_keeps_finished_jobs_and_continues_the_rest(kd):
+    args = ["-m", "T=2,4", "teacher=mlp", "student=mlp", *TEACHER[1:], "trainer.epochs=2", "baseline=false"]
+    proc = start(kd.dir, "distill", *args)
+    sweeps = lambda: sorted((kd.dir / "runs" / "distill-multirun").glob("*/"))  # noqa: E731
+    wait_for(lambda: bool(sweeps()) and epochs_done(lambda: [sweeps()[0] / "1"], "student")() >= 1, proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    (sweep,) = sweeps()
+    assert proc.returncode == 130
+    assert f"re-run the sweep with hydra.sweep.dir={sweep} resume=auto" in " ".join(out.split())
+    first = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert first["status"] == "completed"
+    again = kd("distill", *args, f"hydra.sweep.dir={sweep}", "resume=auto")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"Already completed: {sweep / '0'}" in " ".join(again.stdout.split())
+    assert json.loads((sweep / "0" / "metrics.json").read_text()) == first  # kept as it was
+    job1 = json.loads((sweep / "1" / "metrics.json").read_text())
+    assert job1["status"] == "completed" and [r["epoch"] for r in rows(sweep / "1")] == [1, 2]
+    summary = (sweep / "summary.csv").read_text().splitlines()
+    assert [line.split(",")[2] for line in summary[1:]] == ["completed", "completed"]
