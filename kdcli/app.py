@@ -60,6 +60,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
+        # cuBLAS needs this to be deterministic (read when its first handle is made): set it unless the user did
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=False)
         torch.backends.cudnn.benchmark = False
 
@@ -75,6 +77,19 @@ class Outcome:
     failed = False
 
 
+def _check_same_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Results or a state are reused in place only for the configuration that made them."""
+    f = run_dir / "config.yaml"
+    if not f.is_file():
+        return
+    diff = resume.config_diff(OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(OmegaConf.load(f)))
+    if diff:
+        raise KdError(
+            f"resume: {run_dir} holds a run of another configuration ({'; '.join(diff[:5])}), which is not "
+            "continued or reused. Give the sweep or run a new directory, or the overrides it was run with."
+        )
+
+
 def _resume_source(cfg: DictConfig, command: str, run_dir: Path) -> Path | None:
     """The unfinished run that resume= continues (run_dir itself when it holds a training
     state, as when a sweep is re-run in its own directory), or None to start afresh."""
@@ -82,6 +97,7 @@ def _resume_source(cfg: DictConfig, command: str, run_dir: Path) -> Path | None:
     if value is None:
         return None
     if resume.has_state(run_dir):
+        _check_same_config(cfg, run_dir)
         return run_dir
     current = OmegaConf.to_container(cfg, resolve=True)
     if value == "auto":
@@ -92,13 +108,18 @@ def _resume_source(cfg: DictConfig, command: str, run_dir: Path) -> Path | None:
             )
         return source
     source = resume.run_dir_of(value)
-    status = resume.read_metrics(source).get("status")
-    if status == "completed":
+    metrics = resume.read_metrics(source)
+    if metrics.get("status") == "completed":
         raise KdError(f"resume={value}: that run completed; there is nothing to continue. Its results: {source}.")
-    if status == "resumed":
+    if metrics.get("status") == "resumed":
         raise KdError(
-            f"resume={value}: that run was already continued in {resume.read_metrics(source).get('resumed_in')}; "
+            f"resume={value}: that run was already continued in {metrics.get('resumed_in')}; "
             "resume that one (or use resume=auto)."
+        )
+    if resume.alive(metrics):
+        raise KdError(
+            f"resume={value}: that run is still running (process {metrics['pid']} on this machine). Stop it first "
+            f"(Ctrl-C, or kill -TERM {metrics['pid']}: it saves its state), then resume it."
         )
     diff = resume.config_diff(current, OmegaConf.to_container(OmegaConf.load(source / "config.yaml")))
     if diff:
@@ -125,9 +146,6 @@ def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: Dict
     multirun = hc.mode == RunMode.MULTIRUN
     logging.raiseExceptions = False  # a full disk must not turn every log line into a traceback
     previous = resume.read_metrics(run_dir)
-    if previous.get("status") == "completed" and OmegaConf.select(cfg, "resume") is not None:
-        console.print(f"Already completed: {run_dir} (resume=auto keeps it)")
-        return previous  # a sweep re-run in its own directory: finished jobs are kept
     metrics: dict = {
         "command": command,
         "status": "running",
@@ -148,22 +166,30 @@ def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: Dict
 
     with interrupt.handled():
         try:
-            write_json(run_dir / "metrics.json", metrics)  # a run killed outright still says "running"
             import_user_modules(cfg.imports)
             validate(cfg, command)
+            if previous.get("status") == "completed" and OmegaConf.select(cfg, "resume") is not None:
+                _check_same_config(cfg, run_dir)
+                console.print(f"Already completed: {run_dir} (resume=auto keeps it)")
+                return previous  # a sweep re-run in its own directory: finished jobs are kept
+            write_json(run_dir / "metrics.json", metrics)  # a run killed outright still says "running"
             device = resolve_device(cfg.device)
             ctx = Context(run_dir, device, multirun, metrics=metrics)
-            source = _resume_source(cfg, command, run_dir)
-            if source is not None:
-                ctx.resume, ctx.previous = True, resume.read_metrics(source) if source != run_dir else previous
-                if source != run_dir:
-                    resume.adopt(source, run_dir)
-                    metrics["resumed_from"] = str(source)
-                    log.info(f"resume   continuing {source} in {run_dir}")
-                for key in ("teacher_run", "teacher_checkpoints"):
-                    if key in ctx.previous:
-                        metrics[key] = ctx.previous[key]
-                write_json(run_dir / "metrics.json", metrics)
+            with interrupt.training():  # a signal while taking over a run takes effect once it is taken over
+                source = _resume_source(cfg, command, run_dir)
+                if source is None:
+                    resume.clear_states(run_dir)  # an earlier run's states in this directory are not continued
+                else:
+                    ctx.resume, ctx.previous = True, resume.read_metrics(source) if source != run_dir else previous
+                    if source != run_dir:
+                        resume.adopt(source, run_dir)
+                        metrics["resumed_from"] = str(source)
+                        log.info(f"resume   continuing {source} in {run_dir}")
+                    for key in ("teacher_run", "teacher_checkpoints", "storage"):
+                        if key in ctx.previous:
+                            metrics[key] = ctx.previous[key]
+                    write_json(run_dir / "metrics.json", metrics)
+            interrupt.check()
             write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             seed_everything(int(cfg.seed), bool(OmegaConf.select(cfg, "trainer.deterministic", default=False)))
             result = run(cfg, ctx)
@@ -180,6 +206,7 @@ def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: Dict
                 raise
             raise SystemExit(1) from None
         except KeyboardInterrupt as e:
+            interrupt.stopping()
             signum = e.signum if isinstance(e, interrupt.Interrupted) else signal.SIGINT
             hint = _stop_hint(command, run_dir, multirun)
             finish("interrupted", signal=signal.Signals(signum).name, resume=hint)

@@ -250,4 +250,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C outside a run (start-up, a launcher, the summary): no traceback
+        print("\nInterrupted.", file=sys.stderr)
+        code = 130
+    sys.exit(code)

@@ -276,6 +276,7 @@ def fit(
                     loop.skipped,
                 )
             loop.save(started)
+            interrupt.check()  # a signal during validation: the epoch's state is saved, stop here
 
     results = {}
     for t in trainees:
@@ -299,7 +300,13 @@ def fit(
             metrics["skipped_steps"] = loop.skipped_total
         results[t.role] = FitResult(model, metrics, ckpt_dir / f"{t.role}_best.pt", ckpt_dir / f"{t.role}_last.pt")
     # The finished loop's state shrinks to its results: a resumed run reuses them.
-    resume_mod.save(loop.path, status="completed", keep=keep, results={r: res.metrics for r, res in results.items()})
+    resume_mod.save(
+        loop.path,
+        status="completed",
+        keep=keep,
+        results={r: res.metrics for r, res in results.items()},
+        objectives={t.role: t.objective.state_dict() for t in trainees},  # FitNets adapters go on to stage 2
+    )
     return results[trainees[0].role] if single else results
 
 
@@ -310,6 +317,7 @@ def _finished(trainees: list[Trainee], saved: dict, ckpt_dir: Path, single: bool
         metrics = dict(saved["results"][t.role])
         path = ckpt_dir / f"{t.role}_{saved['keep']}.pt"
         t.model.load_state_dict(checkpoint.load(path)["state_dict"])
+        t.objective.load_state_dict(saved["objectives"][t.role])
         metrics["checkpoint"] = str(path)
         results[t.role] = FitResult(t.model, metrics, ckpt_dir / f"{t.role}_best.pt", ckpt_dir / f"{t.role}_last.pt")
     log.info(f"{'+'.join(results):<8} already trained before the run stopped: its results and checkpoints are kept")
@@ -429,11 +437,22 @@ class _Loop:
             rng=resume_mod.rng_state(device),
             sums={k: v.cpu() for k, v in self.sums.items()},
             seen=self.seen,
-            skipped=[self.skipped, self.skipped_total],
+            skipped=[self.skipped, self.skipped_total, self.first_skip or 0],
             elapsed=time.perf_counter() - started,
             trainees=models,
         )
         self.last_save = time.perf_counter()
+
+    def _restore_best_file(self, t: Trainee) -> None:
+        """A run killed between writing {role}_best.pt and its state left a best checkpoint that
+        the state does not know of: put back the one it does (the epoch is done again anyway)."""
+        st, path = self.best[t.role], self.path.parent / f"{t.role}_best.pt"
+        if st["best_state"] is None or not path.is_file() or checkpoint.load(path).get("epoch") == st["best_epoch"]:
+            return
+        model = copy.deepcopy(t.model)
+        model.load_state_dict(st["best_state"])
+        row = st["rows"][st["best_epoch"] - 1] if len(st["rows"]) >= st["best_epoch"] else {}
+        checkpoint.save(path, model, role=t.role, epoch=st["best_epoch"], metrics=row, **t.ckpt_meta)
 
     def restore(self, saved: dict) -> None:
         device = self.data.device
@@ -452,6 +471,7 @@ class _Loop:
                 if t.scheduler is not None:
                     t.scheduler.load_state_dict(s["scheduler"])
                 self.best[t.role] = {k: s[k] for k in ("best_acc", "best_epoch", "best_state", "rows")}
+                self._restore_best_file(t)
         except (RuntimeError, KeyError, ValueError) as e:
             raise KdError(
                 f"The training state {self.path} does not fit this run's models ({str(e).splitlines()[0]}): "
@@ -461,7 +481,8 @@ class _Loop:
         self.seeds.set_state(saved["seeds"])
         self.sums = {k: v.to(device) for k, v in saved["sums"].items()}
         self.seen = saved["seen"]
-        self.skipped, self.skipped_total = saved["skipped"]
+        self.skipped, self.skipped_total, first = saved["skipped"]
+        self.first_skip = first or None
         self.elapsed = saved["elapsed"]
         resume_mod.set_rng_state(saved["rng"], device)
 

@@ -30,10 +30,13 @@ def no_space(path: Path) -> KdError:
     )
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # read once: os.umask is process-wide, and threads may write at the same time
 
 
 def atomic_write(path: Path, write) -> None:
@@ -44,7 +47,7 @@ def atomic_write(path: Path, write) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the file gets the usual permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the file gets the usual permissions
     except OSError as e:
         if e.errno in NO_SPACE:
             raise no_space(path) from None

@@ -29,6 +29,7 @@ class Interrupted(KeyboardInterrupt):
 class _State:
     requested: int | None = None  # the first signal received while training
     training = False  # inside a training loop that checks `requested` after each step
+    stopping = False  # the run is ending because of a signal
 
 
 def requested() -> int | None:
@@ -53,13 +54,22 @@ def handled():
     except ValueError:  # not the main thread
         yield
         return
-    _State.requested, _State.training = None, False
+    _State.requested, _State.training, _State.stopping = None, False, False
     try:
         yield
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        if not _State.stopping:  # a stopping process keeps ignoring signals until it has exited
+            for s, h in previous.items():
+                signal.signal(s, h)
         _State.requested, _State.training = None, False
+
+
+def stopping() -> None:
+    """The run is ending on a signal: further signals must not cut its last writes short, nor
+    turn its exit into a traceback."""
+    _State.stopping = True
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ All of it is tensors and containers, loaded with weights_only=True.
 from __future__ import annotations
 
 import random
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,11 @@ def config_diff(current: dict, previous: dict) -> list[str]:
     return [f"{k}: {b.get(k, '(unset)')} -> {a.get(k, '(unset)')}" for k in keys if a.get(k) != b.get(k)]
 
 
+def clear_states(run_dir: Path) -> None:
+    for f in Path(run_dir, "checkpoints").glob("*_resume.pt"):
+        f.unlink()
+
+
 def has_state(run_dir: Path) -> bool:
     return any(Path(run_dir, "checkpoints").glob("*_resume.pt"))
 
@@ -126,10 +132,9 @@ def run_dir_of(value: str) -> Path:
     return path.resolve()
 
 
-def _alive(metrics: dict) -> bool:
+def alive(metrics: dict) -> bool:
     """A run marked running whose process still runs on this machine."""
     import os
-    import socket
 
     if metrics.get("status") != "running" or metrics.get("host") != socket.gethostname():
         return False
@@ -159,8 +164,10 @@ def find_unfinished(runs_dir: str, command: str, config: dict, exclude: Path) ->
     for f in [*root.glob(f"{command}/*/metrics.json"), *root.glob(f"{command}-multirun/*/*/metrics.json")]:
         run = f.parent.resolve()
         metrics = read_metrics(run)
-        if run == exclude or metrics.get("status") not in UNFINISHED or _alive(metrics):
+        if run == exclude or metrics.get("status") not in UNFINISHED or alive(metrics):
             continue
+        if metrics.get("status") == "running" and metrics.get("host") != socket.gethostname():
+            continue  # maybe still running on another machine (a shared disk): only resume=DIR takes it
         if not (has_state(run) or metrics.get("teacher_run")) or not (run / "config.yaml").is_file():
             continue
         previous = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))

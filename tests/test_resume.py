@@ -125,13 +125,16 @@ def _teacher(kd) -> str:
     "method, killed_role, reused",
     [
         (["method=standard"], "student", "scratch"),  # the scratch baseline, then the distilled student
+        # FitNets: the hint stage trains the adapters that the second stage goes on with
+        (["features=[fitnet]", "features.fitnet.hint_epochs=1", "baseline=false"], "student", "student_hint"),
         (["method=born_again", "method.generations=2"], "student", "gen1"),  # generation 2 is the student
         (["method=dml", "baseline=false"], "peer2", None),  # two peers in one loop
     ],
-    ids=["standard", "born_again", "dml"],
+    ids=["standard", "fitnet_hint", "born_again", "dml"],
 )
 def test_distill_killed_in_its_last_phase_reuses_finished_phases_and_ends_the_same(kd, method, killed_role, reused):
-    teacher = [f"teacher.ckpt={_teacher(kd)}"] if method == ["method=standard"] else []
+    pretrained = not any(m in method for m in ("method=born_again", "method=dml"))
+    teacher = [f"teacher.ckpt={_teacher(kd)}"] if pretrained else []
     args = [*teacher, "student=mlp", *TEACHER[1:], *method]
     ref = kd("distill", *args)
     assert ref.returncode == 0, ref.stdout + ref.stderr
@@ -184,8 +187,16 @@ def test_a_signal_saves_the_step_reached_and_the_printed_command_continues_it(kd
 
 
 def test_ctrl_c_to_the_whole_group_with_loader_processes(kd):
-    """A terminal's Ctrl-C reaches the loader processes too: they leave it to the training process."""
-    args = [*TEACHER, "dataset.storage=stream", "dataset.workers=1", "trainer.epochs=2"]
+    """A terminal's Ctrl-C reaches the loader processes too: they leave it to the training process.
+    The convnet has dropout: the resumed epoch must draw the same masks (loaders take no draws
+    from the global generator)."""
+    args = [
+        "teacher=convnet",
+        "trainer.deterministic=true",
+        "dataset.storage=stream",
+        "dataset.workers=1",
+        "trainer.epochs=2",
+    ]
     proc = start(kd.dir, "train-teacher", *args, new_session=True)
     wait_for(lambda: epochs_done(lambda: run_dirs(kd.dir, "train_teacher"), "teacher")() >= 1, proc)
     time.sleep(1.0)
@@ -230,7 +241,11 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_readable_files(kd):
     module.write_text(SLOW_MODEL)
     proc = start(kd.dir, "train-teacher", f"imports=[{module}]", "teacher=slow_net", "trainer.epochs=1")
     wait_for(lambda: bool(run_dirs(kd.dir, "train_teacher")), proc)
-    time.sleep(4)  # inside a training step
+    (run,) = run_dirs(kd.dir, "train_teacher")
+    wait_for(lambda: (run / "config.yaml").is_file(), proc)
+    busy = kd("train-teacher", f"resume={run}")  # a run still going is not taken over
+    assert busy.returncode == 1 and f"that run is still running (process {proc.pid}" in " ".join(busy.stdout.split())
+    time.sleep(1)  # inside a training step
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     sent = time.time()
@@ -238,7 +253,6 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_readable_files(kd):
     out, _ = proc.communicate(timeout=60)
     assert time.time() - sent < 2.5, "the second Ctrl-C did not stop the run at once"  # a step takes 3 s
     assert proc.returncode == 130, out
-    (run,) = run_dirs(kd.dir, "train_teacher")
     assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
     for f in (run / "checkpoints").glob("*.pt") if (run / "checkpoints").is_dir() else []:
         (resume_mod.load if f.name.endswith("_resume.pt") else checkpoint.load)(f)
@@ -354,3 +368,9 @@ def test_a_sweep_re_run_in_its_directory_keeps_finished_jobs_and_continues_the_r
     assert job1["status"] == "completed" and [r["epoch"] for r in rows(sweep / "1")] == [1, 2]
     summary = (sweep / "summary.csv").read_text().splitlines()
     assert [line.split(",")[2] for line in summary[1:]] == ["completed", "completed"]
+    # Another sweep in that directory is refused, not passed off with the old results.
+    other = kd("distill", *[a.replace("T=2,4", "T=3,5") for a in args], f"hydra.sweep.dir={sweep}", "resume=auto")
+    assert other.returncode == 1 and "holds a run of another configuration (T: 2.0 -> 3.0)" in " ".join(
+        other.stdout.split()
+    )
+    assert json.loads((sweep / "0" / "metrics.json").read_text()) == first

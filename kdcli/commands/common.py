@@ -42,15 +42,19 @@ def data_identity(dataset_cfg: dict) -> dict:
     return {k: v for k, v in dataset_cfg.items() if k not in NOT_IDENTITY}
 
 
-def device_data(cfg, device: torch.device) -> DeviceData | StreamData:
+def device_data(cfg, ctx) -> DeviceData | StreamData:
+    """The run's data, in memory or streamed (dataset.storage); a resumed run keeps the choice
+    its first part made (they shuffle and augment differently), which metrics.json records."""
     dcfg = dataset_config(cfg)
     splits = load_splits(dcfg, cfg.data_root)
     shift, flip = (dcfg.get("shift", 0), dcfg.get("flip", False)) if augmenting(cfg) else (0, False)
-    data = open_data(splits, device, shift, flip, dcfg.get("storage", "auto"), dcfg.get("workers"))
+    storage = (ctx.resume and ctx.previous.get("storage")) or dcfg.get("storage", "auto")
+    data = open_data(splits, ctx.device, shift, flip, storage, dcfg.get("workers"))
+    ctx.note("storage", "stream" if isinstance(data, StreamData) else "memory")
     if isinstance(data, StreamData):
         where = f"streamed ({data.workers} loader process{'' if data.workers == 1 else 'es'})"
     else:
-        where = f"in memory on {device}"
+        where = f"in memory on {ctx.device}"
     log.info(
         f"data     {dcfg['name']}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
         f"input {data.info.input_shape}, {data.info.num_classes} classes, {where}, "

@@ -281,7 +281,7 @@ def labels_only(cfg, device) -> Objective:
 def run(cfg, ctx: Context) -> dict:
     from kdcli.commands import methods
 
-    data = device_data(cfg, ctx.device)
+    data = device_data(cfg, ctx)
     results = methods.run(cfg, data, ctx)
     _print_results(results)
     results.update(T=cfg.T, alpha=cfg.alpha, loss=cfg.loss.name, method=cfg.method.name, dataset=dataset_config(cfg))

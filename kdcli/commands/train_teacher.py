@@ -31,7 +31,7 @@ def train(cfg, data: DeviceData, run_dir: Path, ctx: Context, resume: bool | Non
 
 
 def run(cfg, ctx: Context) -> dict:
-    data = device_data(cfg, ctx.device)
+    data = device_data(cfg, ctx)
     teacher = train(cfg, data, ctx.run_dir, ctx)
     console.print(
         table(

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from kdcli.data.device import mix_seed
 from kdcli.data.splits import DataInfo, Split, Splits
 from kdcli.errors import KdError
-from kdcli.interrupt import ignore_in_worker, requested
+from kdcli.interrupt import Interrupted, ignore_in_worker, requested
 
 log = logging.getLogger("kdcli")
 
@@ -76,7 +76,7 @@ def _iterate(loader: DataLoader):
         yield from loader
     except Exception as e:
         if requested() is not None:  # stopping on a signal: the loader's failure is part of it
-            return
+            raise Interrupted(requested()) from None
         text = str(e)
         if isinstance(e, KdError) or (isinstance(e, RuntimeError) and "KdError" in text):
             raise _loader_error(e) from None
@@ -136,6 +136,8 @@ class StreamSplit:
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
             worker_init_fn=ignore_in_worker,
+            # its own generator: a loader would otherwise take a draw from the global one (dropout's)
+            generator=kwargs.pop("generator", None) or torch.Generator().manual_seed(0),
             **kwargs,
         )
 
@@ -180,7 +182,9 @@ class StreamData:
         stop = n - n % batch_size if n >= batch_size else n
         samples = self._augmented.samples
         samples.epoch_seed = seed  # read by the workers, which start with each epoch's loader
-        loader = self._augmented.loader(batch_size, sampler=perm[start * batch_size : stop].tolist())
+        loader = self._augmented.loader(
+            batch_size, sampler=perm[start * batch_size : stop].tolist(), generator=torch.Generator().manual_seed(seed)
+        )
         for x, y, idx in _iterate(loader):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx.to(self.device)
 
