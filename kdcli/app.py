@@ -77,6 +77,10 @@ class Outcome:
     failed = False
 
 
+class ForeignRun(KdError):
+    """The run directory holds another configuration's run: refused, and left as it is."""
+
+
 def _check_same_config(cfg: DictConfig, run_dir: Path) -> None:
     """Results or a state are reused in place only for the configuration that made them."""
     f = run_dir / "config.yaml"
@@ -84,7 +88,7 @@ def _check_same_config(cfg: DictConfig, run_dir: Path) -> None:
         return
     diff = resume.config_diff(OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(OmegaConf.load(f)))
     if diff:
-        raise KdError(
+        raise ForeignRun(
             f"resume: {run_dir} holds a run of another configuration ({'; '.join(diff[:5])}), which is not "
             "continued or reused. Give the sweep or run a new directory, or the overrides it was run with."
         )
@@ -96,8 +100,7 @@ def _resume_source(cfg: DictConfig, command: str, run_dir: Path) -> Path | None:
     value = OmegaConf.select(cfg, "resume")
     if value is None:
         return None
-    if resume.has_state(run_dir):
-        _check_same_config(cfg, run_dir)
+    if resume.has_state(run_dir):  # its configuration was checked on arrival
         return run_dir
     current = OmegaConf.to_container(cfg, resolve=True)
     if value == "auto":
@@ -168,8 +171,10 @@ def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: Dict
         try:
             import_user_modules(cfg.imports)
             validate(cfg, command)
-            if previous.get("status") == "completed" and OmegaConf.select(cfg, "resume") is not None:
+            in_place = previous.get("status") == "completed" or resume.has_state(run_dir)
+            if in_place and OmegaConf.select(cfg, "resume") is not None:
                 _check_same_config(cfg, run_dir)
+            if previous.get("status") == "completed" and OmegaConf.select(cfg, "resume") is not None:
                 console.print(f"Already completed: {run_dir} (resume=auto keeps it)")
                 return previous  # a sweep re-run in its own directory: finished jobs are kept
             write_json(run_dir / "metrics.json", metrics)  # a run killed outright still says "running"
@@ -198,7 +203,8 @@ def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: Dict
             return metrics
         except KdError as e:
             error(str(e))
-            finish("failed", error=str(e))
+            if not isinstance(e, ForeignRun):  # that directory's own record stays as it is
+                finish("failed", error=str(e))
             Outcome.failed = True
             if multirun:
                 return metrics
