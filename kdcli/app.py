@@ -171,12 +171,12 @@ def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: Dict
         try:
             import_user_modules(cfg.imports)
             validate(cfg, command)
-            in_place = previous.get("status") == "completed" or resume.has_state(run_dir)
-            if in_place and OmegaConf.select(cfg, "resume") is not None:
-                _check_same_config(cfg, run_dir)
-            if previous.get("status") == "completed" and OmegaConf.select(cfg, "resume") is not None:
-                console.print(f"Already completed: {run_dir} (resume=auto keeps it)")
-                return previous  # a sweep re-run in its own directory: finished jobs are kept
+            completed = previous.get("status") == "completed"
+            if OmegaConf.select(cfg, "resume") is not None and (completed or resume.has_state(run_dir)):
+                _check_same_config(cfg, run_dir)  # reused in place (a sweep re-run in its own directory)
+                if completed:
+                    console.print(f"Already completed: {run_dir} (resume=auto keeps it)")
+                    return previous
             write_json(run_dir / "metrics.json", metrics)  # a run killed outright still says "running"
             device = resolve_device(cfg.device)
             ctx = Context(run_dir, device, multirun, metrics=metrics)

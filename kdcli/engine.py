@@ -259,22 +259,7 @@ def fit(
                 loop.save_if_due(started)
             loop.end_epoch(epoch)
             for t in trainees:
-                _end_epoch(
-                    keep,
-                    t,
-                    loop.best[t.role],
-                    loop.sums[t.role],
-                    loop.seen,
-                    epoch,
-                    epochs,
-                    sched[t.role],
-                    data,
-                    cfg,
-                    run_dir,
-                    ckpt_dir,
-                    t0,
-                    loop.skipped,
-                )
+                _end_epoch(keep, t, loop, epoch, sched[t.role], run_dir, t0)
             loop.save(started)
             interrupt.check()  # a signal during validation: the epoch's state is saved, stop here
 
@@ -487,13 +472,13 @@ class _Loop:
         resume_mod.set_rng_state(saved["rng"], device)
 
 
-def _end_epoch(
-    keep: str, t: Trainee, st: dict, sums, seen, epoch, epochs, sched, data, cfg, run_dir, ckpt_dir, t0, skipped
-) -> None:
+def _end_epoch(keep: str, t: Trainee, loop: "_Loop", epoch: int, sched: dict, run_dir: Path, t0: float) -> None:
     """Validation, checkpoints, the metrics line and the log line of one trainee's epoch."""
+    cfg, data, epochs, seen, skipped = loop.cfg, loop.data, loop.epochs, loop.seen, loop.skipped
+    st, ckpt_dir = loop.best[t.role], loop.path.parent
     tcfg = cfg.trainer
     role = t.role
-    loss_sum, correct = sums.tolist()
+    loss_sum, correct = loop.sums[role].tolist()
     train_loss = loss_sum / seen
     last_path = ckpt_dir / f"{role}_last.pt"
     val = evaluate(t.model, data.val, tcfg.eval_batch_size)

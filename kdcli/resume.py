@@ -11,16 +11,20 @@ All of it is tensors and containers, loaded with weights_only=True.
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import shutil
 import socket
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from kdcli import checkpoint
 from kdcli.errors import KdError
-from kdcli.files import read_jsonl, write_jsonl
+from kdcli.files import read_jsonl, write_json, write_jsonl
 
 
 def state_path(ckpt_dir: Path, roles: list[str]) -> Path:
@@ -134,8 +138,6 @@ def run_dir_of(value: str) -> Path:
 
 def alive(metrics: dict) -> bool:
     """A run marked running whose process still runs on this machine."""
-    import os
-
     if metrics.get("status") != "running" or metrics.get("host") != socket.gethostname():
         return False
     try:
@@ -146,8 +148,7 @@ def alive(metrics: dict) -> bool:
 
 
 def read_metrics(run_dir: Path) -> dict:
-    import json
-
+    """A run's metrics.json ({} if it is missing or unreadable)."""
     try:
         return json.loads((Path(run_dir) / "metrics.json").read_text())
     except (OSError, ValueError):
@@ -157,8 +158,6 @@ def read_metrics(run_dir: Path) -> dict:
 def find_unfinished(runs_dir: str, command: str, config: dict, exclude: Path) -> Path | None:
     """The latest run of `command` under runs_dir with the same configuration that did not
     finish and holds a training state (or a recorded teacher run), or None."""
-    from omegaconf import OmegaConf
-
     root = Path(runs_dir).expanduser()
     found = []
     for f in [*root.glob(f"{command}/*/metrics.json"), *root.glob(f"{command}-multirun/*/*/metrics.json")]:
@@ -179,11 +178,6 @@ def find_unfinished(runs_dir: str, command: str, config: dict, exclude: Path) ->
 def adopt(source: Path, run_dir: Path) -> None:
     """Give run_dir the training states, checkpoints and epoch rows of `source` (hard links
     where the file system allows, else copies); the source is marked as resumed there."""
-    import os
-    import shutil
-
-    from kdcli.files import write_json
-
     for f in sorted(Path(source, "checkpoints").glob("*.pt")):
         target = run_dir / "checkpoints" / f.name
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
+from test_report import job  # hand-written sweep job directories
 
 from kdcli.cli import main as kd_main
 
@@ -25,14 +25,6 @@ def only_sweep(kd) -> Path:
 
 def read_summary(sweep) -> list[dict]:
     return list(csv.DictReader(open(sweep / "summary.csv")))
-
-
-def job(sweep, num, overrides, metrics):
-    d = sweep / str(num)
-    (d / ".hydra").mkdir(parents=True)
-    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    if metrics is not None:
-        (d / "metrics.json").write_text(json.dumps(metrics))
 
 
 def run_dir(tmp_path, metrics) -> Path:

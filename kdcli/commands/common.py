@@ -3,7 +3,6 @@ checkpoint metadata, and the search for an earlier teacher run."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from kdcli.data.splits import SPLIT_VERSION
 from kdcli.data.stream import StreamData, open_data
 from kdcli.errors import KdError
 from kdcli.models import build_model
+from kdcli.resume import read_metrics
 
 log = logging.getLogger("kdcli")
 
@@ -81,10 +81,7 @@ def completed_runs(runs_dir: str | Path, *patterns: str) -> list[tuple[Path, dic
     root = Path(runs_dir).expanduser()
     found = []
     for f in (f for pattern in patterns for f in root.glob(f"{pattern}/metrics.json")):
-        try:
-            metrics = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
+        metrics = read_metrics(f.parent)
         if metrics.get("status") == "completed":
             found.append((f.stat().st_mtime, f.parent, metrics))
     return [(run, metrics) for _, run, metrics in sorted(found, key=lambda t: t[0])]
