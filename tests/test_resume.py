@@ -178,7 +178,9 @@ def test_a_signal_saves_the_step_reached_and_the_printed_command_continues_it(kd
     metrics = json.loads((stopped / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and metrics["signal"] == sig.name
     saved = resume_mod.load(stopped / "checkpoints" / "teacher_resume.pt")
-    assert saved["epochs_done"] >= 1 and 0 < saved["step"]  # the step reached, inside an epoch
+    # The step reached: inside an epoch, or an epoch's end if the signal came during its validation
+    # (a mid-epoch state is asserted in the SIGKILL test above).
+    assert (saved["epochs_done"], saved["step"]) > (1, 0)  # past the end of epoch 1, seen before the signal
     again = kd("train-teacher", f"resume={stopped}")
     assert again.returncode == 0, again.stdout + again.stderr
     (resumed,) = [d for d in live() if d != stopped]
