@@ -17,8 +17,9 @@ from kdcli.report import error
 COMMANDS = {
     "train-teacher": ("train_teacher", "train a teacher model on a dataset"),
     "distill": ("distill", "distill a teacher into a student (and train the student from scratch to compare)"),
-    "evaluate": ("evaluate", "compare checkpoints side by side: accuracy, NLL, size, agreement"),
-    "export": ("export", "export a model to TorchScript and ONNX, checked against PyTorch"),
+    "evaluate": ("evaluate", "compare models side by side: accuracy, calibration, agreement, size, latency"),
+    "export": ("export", "export a model (TorchScript, ONNX, torch.export, safetensors), each checked"),
+    "quantize": ("quantize", "int8 quantization (dynamic, static) with the accuracy, size and latency change"),
     "list": ("list", "list the registered models, losses and datasets"),
     "report": ("report", "summarise an existing sweep directory (or one run directory) again"),
 }

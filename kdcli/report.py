@@ -168,23 +168,14 @@ def _plot_sweep(rows: list[dict], key: str, figures: list[str], path: Path) -> N
         xs = [float(r[key]) for r in rows]
     except (TypeError, ValueError):
         return
-    import matplotlib
+    from kdcli.plots import lines
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    series = {}
     for field in (f for f in figures if f != "kd_gain"):
-        pts = sorted((x, r[field]) for x, r in zip(xs, rows) if isinstance(r.get(field), (int, float)))
+        pts = sorted((x, 100 * r[field]) for x, r in zip(xs, rows) if isinstance(r.get(field), (int, float)))
         if pts:
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=field)
-    ax.set_xlabel(key)
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            series[field] = pts
+    lines(path, key, "test accuracy (%)", series)
 
 
 class SweepSummary(Callback):

@@ -6,7 +6,7 @@ import pytest
 def test_help_lists_every_subcommand(kd):
     r = kd("--help")
     assert r.returncode == 0
-    for name in ("train-teacher", "distill", "evaluate", "export", "list"):
+    for name in ("train-teacher", "distill", "evaluate", "export", "quantize", "list", "report"):
         assert name in r.stdout
 
 

@@ -1,21 +1,25 @@
-"""kd evaluate: checkpoints side by side on one split of their dataset."""
+"""kd evaluate: models side by side on one split of their dataset: accuracy, calibration,
+agreement with the teacher, per-class accuracy, and what each costs (parameters, sparsity,
+size, FLOPs, latency, throughput). Any file kdcli writes can be compared: checkpoints and the
+exports of `kd export` / `kd quantize` (TorchScript, ONNX, torch.export, safetensors)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-import torch.nn.functional as F
+import torch
 
-from kdcli import checkpoint
+from kdcli import formats, latency, plots
 from kdcli.app import Context
 from kdcli.commands.common import checkpoint_data, data_identity, latest_run
-from kdcli.engine import agreement, predict, scores
+from kdcli.engine import batches
 from kdcli.errors import KdError
 from kdcli.files import write_json
-from kdcli.models import count_params
+from kdcli.metrics import classification
+from kdcli.models import count_flops, count_params
 from kdcli.report import console, pct, table
+from kdcli.resume import read_metrics
 
 log = logging.getLogger("kdcli")
 
@@ -28,13 +32,11 @@ def _checkpoints_of_run(run_dir: Path) -> list[Path]:
     if not run_dir.is_dir():
         raise KdError(f"run={run_dir}: no such directory.")
     paths = []
-    metrics = run_dir / "metrics.json"
-    if metrics.is_file():
-        teacher = (json.loads(metrics.read_text()).get("teacher") or {}).get("checkpoint")
-        if teacher and Path(teacher).is_file():
-            paths.append(Path(teacher).resolve())
-        elif teacher:
-            log.warning(f"warning  the teacher of {run_dir}, {teacher}, is gone; evaluating without it")
+    teacher = (read_metrics(run_dir).get("teacher") or {}).get("checkpoint")
+    if teacher and Path(teacher).is_file():
+        paths.append(Path(teacher).resolve())
+    elif teacher:
+        log.warning(f"warning  the teacher of {run_dir}, {teacher}, is gone; evaluating without it")
     for role in ROLE_ORDER:
         p = (run_dir / "checkpoints" / f"{role}_best.pt").resolve()
         if p.is_file() and p not in paths:
@@ -58,10 +60,10 @@ def _select(cfg) -> list[Path]:
     return _checkpoints_of_run(run)
 
 
-def _same_data(ckpts: list[tuple[Path, dict]]) -> dict:
-    """The data of the first checkpoint, after checking that all were trained on the same split
-    of the same dataset (otherwise their test sets, and so their accuracies, differ)."""
-    first_path, first = ckpts[0]
+def _same_data(cards: list[tuple[Path, dict]]) -> dict:
+    """The data of the first model, after checking that all were trained on the same split of
+    the same dataset (otherwise their test sets, and so their accuracies, differ)."""
+    first_path, first = cards[0]
 
     def key(d: dict) -> dict:
         return {
@@ -70,8 +72,8 @@ def _same_data(ckpts: list[tuple[Path, dict]]) -> dict:
             **data_identity(d["dataset"]),
         }
 
-    for path, ck in ckpts[1:]:
-        theirs, ours = key(ck["data"]), key(first["data"])
+    for path, card in cards[1:]:
+        theirs, ours = key(card["data"]), key(first["data"])
         if theirs != ours:
             diff = ", ".join(
                 f"{k}: {ours.get(k)} vs {theirs.get(k)}" for k in {**ours, **theirs} if ours.get(k) != theirs.get(k)
@@ -83,77 +85,193 @@ def _same_data(ckpts: list[tuple[Path, dict]]) -> dict:
     return first["data"]
 
 
+def logits_of(model: formats.ModelFile, split, batch_size: int) -> torch.Tensor:
+    return torch.cat([model.run(x).float().cpu() for x in batches(split, batch_size)])
+
+
+def _sparsity(model: formats.ModelFile) -> float | None:
+    from kdcli.prune import sparsity
+
+    return sparsity(model.module) if model.module is not None else None
+
+
+def costs_of(model: formats.ModelFile, x_large: torch.Tensor, cfg) -> dict:
+    """Parameters, sparsity, size on disk, forward FLOPs per image, latency and throughput."""
+    arch = model.module if model.module is not None else formats.rebuild(model.card)
+    input_shape = model.card["data"]["input_shape"]
+    out = {
+        "params": count_params(arch) if arch is not None else None,
+        "sparsity": _sparsity(model),
+        "size_mb": model.path.stat().st_size / 2**20,
+        "flops": count_flops(arch, input_shape) if arch is not None else None,
+        "device": str(model.device),
+        "threads": model.threads if model.device.type == "cpu" else None,
+    }
+    if cfg.latency.repeats:
+        x = x_large.to(model.device)
+        out.update(latency.costs(model.run, x[:1], x, model.device, cfg.latency.warmup, cfg.latency.repeats))
+    return out
+
+
 def run(cfg, ctx: Context) -> dict:
+    if cfg.latency.threads:
+        torch.set_num_threads(cfg.latency.threads)
     paths = _select(cfg)
-    ckpts = [(p, checkpoint.load(p)) for p in paths]
-    data_info = _same_data(ckpts)
+    models = [formats.open_model(p, ctx.device) for p in paths]
+    if cfg.labels and len(cfg.labels) != len(models):
+        raise KdError(f"labels has {len(cfg.labels)} entries for {len(models)} models: give one label per model.")
+    data_info = _same_data([(m.path, m.card) for m in models])
     split = checkpoint_data(data_info, cfg.data_root, ctx.device).split(cfg.split)
     if cfg.limit:
         split = split.subset(cfg.limit)
-    x, y = split, split.y
+    y = split.y.cpu()
 
-    logits = {}
-    for path, ck in ckpts:
-        model = checkpoint.build_from(ck, path).to(ctx.device)
-        logits[path] = (predict(model, x, cfg.eval_batch_size), count_params(model))
-    teacher = next((p for p, ck in ckpts if ck.get("role") == "teacher"), None)
-    ref_path = Path(cfg.reference).expanduser().resolve() if cfg.reference else teacher
-    if ref_path is not None and ref_path not in logits:
-        ref_ck = checkpoint.load(ref_path)
-        _same_data([(paths[0], ckpts[0][1]), (ref_path, ref_ck)])
-        logits[ref_path] = (
-            predict(checkpoint.build_from(ref_ck, ref_path).to(ctx.device), x, cfg.eval_batch_size),
-            None,
-        )
-    ref = logits[ref_path][0] if ref_path is not None else None
+    logits = [logits_of(m, split, cfg.eval_batch_size) for m in models]
+    ref_path, ref = _reference(cfg, models, logits, split, data_info)
+    x_large = split.head(cfg.latency.batch_size).cpu()
 
+    names = list(cfg.labels) or _unique([m.label for m in models])
     results = []
-    for path, ck in ckpts:
-        out, params = logits[path]
-        row = {
-            "checkpoint": str(path),
-            "role": ck.get("role"),
-            "model": ck["arch"]["name"],
-            **scores(out, y),
-            "params": params,
-            "size_mb": path.stat().st_size / 2**20,
-        }
-        if ref is not None:
-            row["agreement"] = agreement(out, ref)
-            row["kl_to_reference"] = F.kl_div(
-                F.log_softmax(out, 1), F.log_softmax(ref, 1), reduction="batchmean", log_target=True
-            ).item()
-        results.append(row)
+    for name, m, out in zip(names, models, logits):
+        log.info(f"measure  {name}: {m.path.name}")
+        results.append(
+            {
+                "name": name,
+                "path": str(m.path),
+                "format": m.fmt,
+                "role": m.card["role"],
+                "model": m.card["arch"]["name"],
+                **({"pruning": m.card["pruning"]} if "pruning" in m.card else {}),
+                **({"quantization": m.card["quantization"]} if "quantization" in m.card else {}),
+                **classification(out, y, ref),
+                **costs_of(m, x_large, cfg),
+            }
+        )
+    _print(results, data_info, cfg, len(y), ref_path)
+    summary = {
+        "split": cfg.split,
+        "images": len(y),
+        "reference": str(ref_path) if ref_path else None,
+        "threads": torch.get_num_threads(),
+        "latency": {"warmup": cfg.latency.warmup, "repeats": cfg.latency.repeats, "statistic": "median"},
+        "class_names": list(data_info["class_names"]),
+        "models": results,
+    }
+    if cfg.figures:
+        summary["figures"] = _figures(results, list(data_info["class_names"]), ctx.run_dir)
+    write_json(ctx.run_dir / "evaluation.json", summary)
+    return {k: v for k, v in summary.items() if k != "models"} | {"models": [_brief(r) for r in results]}
 
+
+def _reference(cfg, models, logits, split, data_info) -> tuple[Path | None, torch.Tensor | None]:
+    """The logits agreement and KL are measured against: reference=PATH, else the teacher."""
+    if cfg.reference:
+        path = Path(cfg.reference).expanduser().resolve()
+        for m, out in zip(models, logits):
+            if m.path == path:
+                return path, out
+        ref = formats.open_model(path, models[0].device)
+        _same_data([(models[0].path, models[0].card), (path, ref.card)])
+        return path, logits_of(ref, split, cfg.eval_batch_size)
+    for m, out in zip(models, logits):
+        if m.card["role"] == "teacher":
+            return m.path, out
+    return None, None
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Labels as they are, numbered where two models would share one."""
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if names.count(n) == 1 else f"{n} #{seen[n]}")
+    return out
+
+
+def _brief(row: dict) -> dict:
+    """A model's row without the per-bin and per-cell lists (metrics.json stays small)."""
+    return {k: v for k, v in row.items() if k not in ("confusion", "reliability", "per_class_acc")}
+
+
+def _num(x, fmt: str) -> str:
+    return format(x, fmt) if isinstance(x, (int, float)) else "-"
+
+
+def _print(results: list[dict], data_info: dict, cfg, images: int, ref_path: Path | None) -> None:
+    title = f"{data_info['name']} {cfg.split} split, {images} images"
+    if ref_path:
+        title += f"; agreement and KL against {_short(str(ref_path))}"
     console.print(
         table(
-            f"{data_info['name']} {cfg.split} split, {len(y)} images"
-            + (f"; agreement with {ref_path}" if ref_path else ""),
-            ["role", "model", "acc %", "NLL", "agreement %", "KL to ref", "params", "size MB", "checkpoint"],
+            title,
+            ["model", "arch", "acc %", "top-5 %", "NLL", "ECE", "agrees %", "KL to ref", "file"],
             (
                 [
-                    r["role"],
+                    r["name"],
                     r["model"],
                     pct(r["acc"]),
-                    f"{r['nll']:.4f}",
+                    pct(r["top5"]),
+                    _num(r["nll"], ".4f"),
+                    _num(r["ece"], ".4f"),
                     pct(r.get("agreement")),
-                    f"{r['kl_to_reference']:.4f}" if "kl_to_reference" in r else "-",
-                    f"{r['params']:,}",
-                    f"{r['size_mb']:.2f}",
-                    _short(r["checkpoint"]),
+                    _num(r.get("kl_to_reference"), ".4f"),
+                    Path(r["path"]).name,
                 ]
                 for r in results
             ),
         )
     )
-    summary = {
-        "split": cfg.split,
-        "images": len(y),
-        "reference": str(ref_path) if ref_path else None,
-        "models": results,
-    }
-    write_json(ctx.run_dir / "evaluation.json", summary)
-    return summary
+    timed = bool(cfg.latency.repeats)
+    batch = results[0].get("latency_batch", cfg.latency.batch_size)
+    columns = ["model", "params", "sparsity %", "size MB", "MFLOPs/img", "device"]
+    if timed:
+        columns += ["ms at bs 1", f"ms at bs {batch}", "img/s"]
+    rows = []
+    for r in results:
+        row = [
+            r["name"],
+            _num(r["params"], ","),
+            pct(r["sparsity"]),
+            _num(r["size_mb"], ".3f"),
+            _num(r["flops"] and r["flops"] / 1e6, ".2f"),
+            r["device"],
+        ]
+        if timed:
+            row += [
+                _num(r["latency_ms_bs1"], ".3f"),
+                _num(r["latency_ms_batch"], ".2f"),
+                _num(r["throughput_per_s"], ",.0f"),
+            ]
+        rows.append(row)
+    console.print(table("Cost", columns, rows))
+    if timed:
+        console.print(
+            f"Latency: median of {cfg.latency.repeats} timed runs after {cfg.latency.warmup} warm-up runs; "
+            f"{torch.get_num_threads()} CPU thread(s) for PyTorch and ONNX Runtime (latency.threads); img/s at batch "
+            f"{batch}. Size: the file on disk. FLOPs: forward pass, multiply-add = 2."
+        )
+    classes = list(data_info["class_names"])
+    if len(classes) <= 20:
+        console.print(
+            table(
+                "Per-class accuracy %",
+                ["class", *(r["name"] for r in results)],
+                ([c, *(pct(r["per_class_acc"][i]) for r in results)] for i, c in enumerate(classes)),
+            )
+        )
+
+
+def _figures(results: list[dict], classes: list[str], out_dir: Path) -> list[str]:
+    names = [r["name"] for r in results]
+    written = [out_dir / "confusion.png", out_dir / "reliability.png", out_dir / "tradeoff.png"]
+    plots.confusion_matrices(written[0], names, [r["confusion"] for r in results], classes)
+    plots.reliability_diagram(written[1], names, [r["reliability"] for r in results], [r["ece"] for r in results])
+    costs = {"size on disk (MB)": [r["size_mb"] for r in results]}
+    if "latency_ms_bs1" in results[0]:
+        costs = {"latency at batch 1 (ms)": [r["latency_ms_bs1"] for r in results], **costs}
+    plots.tradeoff(written[2], names, [r["acc"] for r in results], costs)
+    return [str(p) for p in written]
 
 
 def _short(path: str, keep: int = 3) -> str:

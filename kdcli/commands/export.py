@@ -1,139 +1,104 @@
-"""kd export: TorchScript and ONNX files of a trained model, each checked against PyTorch on
-real test images before the command reports success."""
+"""kd export: a trained model as deployable files (TorchScript, ONNX, a torch.export program,
+safetensors weights), each read back with its own runtime and checked against PyTorch on real
+test images before the command reports success.
+
+From a distill run only the student is exported: its checkpoint holds the student's weights
+alone (adapters, teachers, memory banks live in the training state, not in it)."""
 
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from kdcli import checkpoint
+from kdcli import checkpoint, formats
 from kdcli.app import Context
 from kdcli.commands.common import checkpoint_data, latest_run
 from kdcli.engine import predict
 from kdcli.errors import KdError
-from kdcli.files import atomic_write, write_json
+from kdcli.files import write_json
 from kdcli.report import console, pct, table
 
 log = logging.getLogger("kdcli")
 
 
-def _default_checkpoint(cfg) -> Path:
-    run = latest_run(cfg.runs_dir, "distill")
+def source_checkpoint(cfg) -> Path:
+    """checkpoint=PATH, else the distilled student of run=DIR, else of the latest distill run."""
+    if cfg.checkpoint:
+        return Path(cfg.checkpoint).expanduser()
+    run = Path(cfg.run).expanduser() if cfg.run else latest_run(cfg.runs_dir, "distill")
+    if cfg.run and not run.is_dir():
+        raise KdError(f"run={run}: no such directory.")
     path = run / "checkpoints" / "student_best.pt" if run else None
     if path is None or not path.is_file():
+        where = f"in {run}" if cfg.run else f"under {Path(cfg.runs_dir).expanduser()}"
         raise KdError(
-            f"Nothing to export: no checkpoint=PATH and no distilled student under {Path(cfg.runs_dir).expanduser()}. "
-            "Run `kd distill` first or pass checkpoint=PATH."
+            f"Nothing to export: no distilled student {where} (checkpoints/student_best.pt). "
+            "Run `kd distill` first, or pass checkpoint=PATH."
         )
     return path
 
 
-def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
-    """opset is ONNX's; TorchScript has none."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TorchScript's deprecation notice; the format is still what many runtimes load
-        traced = torch.jit.trace(model, example, check_trace=False)
-    atomic_write(path, lambda tmp: traced.save(tmp))
-
-
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
-    batch = torch.export.Dim("batch", min=1)
-
-    def write(tmp: str) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                model,
-                (example,),
-                dynamo=True,
-                opset_version=opset,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_shapes=({0: batch},),
-                verbose=False,
-            )
-        program.save(tmp)
-
-    atomic_write(path, write)
-
-
-def _torchscript_runner(path: Path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = torch.jit.load(str(path), map_location="cpu").eval()
-    return lambda x: module(x).detach().numpy()
-
-
-def _onnx_runner(path: Path):
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x.numpy()})[0]
-
-
-FORMATS = {
-    "torchscript": (".torchscript.pt", export_torchscript, _torchscript_runner),
-    "onnx": (".onnx", export_onnx, _onnx_runner),
-}
+def check(target: Path, x: torch.Tensor, reference: torch.Tensor, batch_size: int, atol: float) -> dict:
+    """Read an exported file back with its runtime and compare its logits with PyTorch's."""
+    model = formats.open_model(target)
+    got = torch.cat([model.run(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
+    return {
+        "path": str(target),
+        "max_abs_diff": (got - reference).abs().max().item(),
+        "top1_agreement": (got.argmax(1) == reference.argmax(1)).float().mean().item(),
+        "checked_images": len(x),
+        "ok": bool(torch.allclose(got, reference, atol=atol, rtol=atol)),
+    }
 
 
 def run(cfg, ctx: Context) -> dict:
-    path = Path(cfg.checkpoint).expanduser() if cfg.checkpoint else _default_checkpoint(cfg)
+    path = source_checkpoint(cfg)
     ck = checkpoint.load(path)
     model = checkpoint.build_from(ck, path).eval()
     test = checkpoint_data(ck["data"], cfg.data_root, torch.device("cpu")).test
     x = test.head(cfg.check_batches * cfg.batch_size)
-    reference = predict(model, x, cfg.batch_size).numpy()
+    reference = predict(model, x, cfg.batch_size)
 
     out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir else ctx.run_dir
     stem = f"{ck['arch']['name']}_{ck.get('role', 'model')}"
+    card = formats.card_of(ck, path.resolve())
     results = {}
     for fmt in cfg.formats:
-        suffix, export_fn, runner = FORMATS[fmt]
-        target = out_dir / f"{stem}{suffix}"
+        target = out_dir / f"{stem}{formats.SUFFIXES[fmt]}"
         try:
-            export_fn(model, x[:1].clone(), target, cfg.opset)
+            # an example batch of 2: with 1, torch.export would fix the batch axis to 1
+            formats.EXPORTERS[fmt](model, x[:2].clone(), target, card, cfg.opset)
+        except KdError:
+            raise
         except Exception as e:  # exporters raise many types; name the format and the cause
             raise KdError(f"{fmt} export of {path} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-        run_fn = runner(target)
-        got = np.concatenate([run_fn(x[i : i + cfg.batch_size]) for i in range(0, len(x), cfg.batch_size)])
-        diff = float(np.abs(got - reference).max())
-        agree = float((got.argmax(1) == reference.argmax(1)).mean())
-        ok = bool(np.allclose(got, reference, atol=cfg.atol, rtol=cfg.atol))
-        results[fmt] = {
-            "path": str(target),
-            "max_abs_diff": diff,
-            "top1_agreement": agree,
-            "checked_images": len(x),
-            "ok": ok,
-        }
-    # What a deployment needs besides the graph: how to preprocess and how to name the outputs.
+        results[fmt] = check(target, x, reference, cfg.batch_size, cfg.atol)
+        log.info(f"export   {fmt}: {target}")
+    # The card again, next to the files, with the checks: what a deployment reads first, and the
+    # description that rebuilds the module for the safetensors weights.
     write_json(
         out_dir / f"{stem}.json",
         {
-            "source_checkpoint": str(path),
-            "arch": ck["arch"],
+            **card,
             "input_shape": ck["data"]["input_shape"],
-            "preprocess": "x = (pixels / 255 - mean) / std, per channel, NCHW float32",
             "mean": ck["data"]["mean"],
             "std": ck["data"]["std"],
             "class_names": ck["data"]["class_names"],
+            "onnx_opset": cfg.opset if "onnx" in cfg.formats else None,
             "exports": results,
         },
     )
     console.print(
         table(
             f"Exports of {path} into {out_dir}, checked on {len(x)} test images",
-            ["format", "file", "max |diff|", "top-1 agreement %", "check"],
+            ["format", "file", "MB", "max |diff|", "top-1 agreement %", "check"],
             (
                 [
                     fmt,
                     Path(r["path"]).name,
+                    f"{Path(r['path']).stat().st_size / 2**20:.3f}",
                     f"{r['max_abs_diff']:.2e}",
                     pct(r["top1_agreement"]),
                     "ok" if r["ok"] else "FAILED",
@@ -142,6 +107,13 @@ def run(cfg, ctx: Context) -> dict:
             ),
         )
     )
+    if "onnx" in results:
+        console.print(
+            f"ONNX: opset {cfg.opset}, input 'input' [batch, {', '.join(map(str, ck['data']['input_shape']))}]"
+            " with a dynamic batch axis, output 'logits'.",
+            markup=False,
+            highlight=False,
+        )
     failed = [fmt for fmt, r in results.items() if not r["ok"]]
     if failed:
         raise KdError(

@@ -1,0 +1,172 @@
+"""kd quantize: post-training int8 quantization of a trained model with ONNX Runtime's
+quantizer, and what it changes: accuracy, size on disk, latency.
+
+- dynamic: the weights of the linear layers (MatMul/Gemm) stored as int8, activations
+  quantized on the fly per batch; needs no data.
+- static: weights and activations of every supported op (Conv, MatMul, Gemm, ...) in int8,
+  activation ranges calibrated on training images (QDQ or QOperator graph).
+
+PyTorch's own eager/FX quantization (torch.ao.quantization) is deprecated in torch 2.x and
+warns of its removal, so kdcli quantizes the ONNX export, which is also what ships."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from kdcli import checkpoint, formats
+from kdcli.app import Context
+from kdcli.commands.common import checkpoint_data
+from kdcli.commands.evaluate import costs_of, logits_of
+from kdcli.commands.export import source_checkpoint
+from kdcli.errors import KdError
+from kdcli.files import atomic_write, write_json
+from kdcli.metrics import agreement, classification
+from kdcli.report import console, pct, table
+
+log = logging.getLogger("kdcli")
+
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader protocol: one input dict per call, None at the end."""
+
+    def __init__(self, x: torch.Tensor, batch_size: int):
+        self.batches = iter([{"input": x[i : i + batch_size].numpy()} for i in range(0, len(x), batch_size)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def _quantize(mode: str, prepared: Path, target: Path, cfg, calib: torch.Tensor | None) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    def write(tmp: str) -> None:
+        if mode == "dynamic":
+            quantize_dynamic(
+                prepared,
+                tmp,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                per_channel=cfg.per_channel,
+                weight_type=QuantType.QInt8,
+            )
+        else:
+            quantize_static(
+                prepared,
+                tmp,
+                _Calibration(calib, 64),
+                quant_format=QuantFormat.QDQ if cfg.static_format == "qdq" else QuantFormat.QOperator,
+                per_channel=cfg.per_channel,
+                activation_type=QuantType.QUInt8,  # u8 activations, s8 weights: the fast path on x86 and ARM
+                weight_type=QuantType.QInt8,
+            )
+
+    atomic_write(target, write)
+
+
+def run(cfg, ctx: Context) -> dict:
+    if cfg.latency.threads:
+        torch.set_num_threads(cfg.latency.threads)
+    path = source_checkpoint(cfg)
+    ck = checkpoint.load(path)
+    model = checkpoint.build_from(ck, path).eval()
+    data = checkpoint_data(ck["data"], cfg.data_root, torch.device("cpu"))
+    test = data.test.subset(cfg.limit) if cfg.limit else data.test
+    out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir else ctx.run_dir
+    stem = f"{ck['arch']['name']}_{ck.get('role', 'model')}"
+    card = formats.card_of(ck, path.resolve())
+
+    float_onnx = out_dir / f"{stem}.onnx"
+    formats.export_onnx(model, test.head(2).clone(), float_onnx, card, cfg.opset)
+    # ONNX Runtime's pre-processing (shape inference, graph optimisation) before quantizing
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = out_dir / f".{stem}.prepared.onnx"
+    try:
+        quant_pre_process(str(float_onnx), str(prepared))
+        files = {"float, onnx": float_onnx}
+        calib = data.train.head(cfg.calibration) if "static" in cfg.modes else None
+        for mode in cfg.modes:
+            target = out_dir / f"{stem}.int8-{mode}.onnx"
+            settings = {
+                "mode": mode,
+                "weights": "int8",
+                "activations": "uint8, calibrated" if mode == "static" else "uint8, per batch at run time",
+                "per_channel": cfg.per_channel,
+                "tool": "onnxruntime.quantization",
+            }
+            if mode == "static":
+                settings.update(calibration_images=len(calib), graph=cfg.static_format)
+            try:
+                _quantize(mode, prepared, target, cfg, calib)
+            except Exception as e:  # the quantizer's failures name the op it cannot handle
+                raise KdError(
+                    f"{mode} quantization of {path} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}. "
+                    f"Try modes=[dynamic] (linear layers only)."
+                ) from None
+            formats.set_onnx_card(target, {**card, "quantization": settings})
+            files[f"int8 {mode}, onnx"] = target
+    finally:
+        if prepared.exists():
+            os.unlink(prepared)
+
+    y = test.y
+    x_large = test.head(cfg.latency.batch_size)
+    rows = {}
+    pytorch = formats.open_model(path)
+    reference = logits_of(pytorch, test, 1000)
+    for name, m in [("float, pytorch", pytorch)] + [(n, formats.open_model(f)) for n, f in files.items()]:
+        out = reference if m is pytorch else logits_of(m, test, 1000)
+        scores = {k: v for k, v in classification(out, y).items() if k in ("acc", "nll", "ece")}
+        rows[name] = {"path": str(m.path), **scores, "agreement_with_float": agreement(out, reference)}
+        rows[name].update({k: v for k, v in costs_of(m, x_large, cfg).items() if k not in ("flops", "params")})
+    base = rows["float, pytorch"]
+    for r in rows.values():
+        r["acc_change"] = r["acc"] - base["acc"]
+        r["size_ratio"] = r["size_mb"] / base["size_mb"]
+        if "latency_ms_bs1" in r:
+            r["speedup_bs1"] = base["latency_ms_bs1"] / r["latency_ms_bs1"]
+            r["speedup_batch"] = base["latency_ms_batch"] / r["latency_ms_batch"]
+    _print(rows, path, len(y), cfg, out_dir)
+    summary = {"checkpoint": str(path), "images": len(y), "threads": torch.get_num_threads(), "models": rows}
+    write_json(out_dir / f"{stem}.quantization.json", summary)
+    return summary
+
+
+def _print(rows: dict, path: Path, images: int, cfg, out_dir: Path) -> None:
+    timed = bool(cfg.latency.repeats)
+    batch = next(iter(rows.values())).get("latency_batch", cfg.latency.batch_size)
+    columns = ["model", "acc %", "change", "agrees %", "MB", "x smaller"]
+    if timed:
+        columns += ["ms bs 1", "x faster", f"ms bs {batch}", "x faster "]
+    out = []
+    for name, r in rows.items():
+        row = [
+            name,
+            pct(r["acc"]),
+            f"{100 * r['acc_change']:+.2f}",
+            pct(r["agreement_with_float"]),
+            f"{r['size_mb']:.3f}",
+            f"{1 / r['size_ratio']:.2f}",
+        ]
+        if timed:
+            row += [
+                f"{r['latency_ms_bs1']:.3f}",
+                f"{r['speedup_bs1']:.2f}x",
+                f"{r['latency_ms_batch']:.2f}",
+                f"{r['speedup_batch']:.2f}x",
+            ]
+        out.append(row)
+    console.print(
+        table(f"int8 quantization of {path}, test split ({images} images); agreement with float", columns, out)
+    )
+    if timed:
+        console.print(
+            f"Latency: median of {cfg.latency.repeats} runs after {cfg.latency.warmup} warm-up runs, "
+            f"{torch.get_num_threads()} CPU thread(s); changes are against the PyTorch float model."
+        )
+    console.print(
+        f"Files: {', '.join(Path(r['path']).name for r in list(rows.values())[1:])} in {out_dir}", soft_wrap=True
+    )
