@@ -17,6 +17,7 @@ import torch.nn as nn
 from kdcli.errors import KdError
 from kdcli.files import atomic_write
 from kdcli.models import build_model
+from kdcli.prune import plain_state_dict
 
 FORMAT = "kdcli-checkpoint"
 RESUME_FORMAT = "kdcli-training-state"  # checkpoints/<roles>_resume.pt: everything a run needs to continue
@@ -24,14 +25,15 @@ VERSION = 1
 
 
 def save(path: Path, model: nn.Module, *, arch: dict, data: dict, role: str, **extra: Any) -> None:
-    """arch = {"name", "kwargs"}; data = DataInfo.to_dict() plus "dataset" (its config)."""
+    """arch = {"name", "kwargs"}; data = DataInfo.to_dict() plus "dataset" (its config). A model being
+    pruned is saved plain (weight = orig * mask): the file loads into the architecture as built."""
     ckpt = {
         "format": FORMAT,
         "version": VERSION,
         "role": role,
         "arch": arch,
         "data": data,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu() for k, v in plain_state_dict(model.state_dict()).items()},
         **extra,
     }
     write(path, ckpt)
@@ -101,16 +103,21 @@ def _pickled_global(path: Path) -> str | None:
     return None
 
 
-def build_from(ckpt: dict, path: str | Path = "<checkpoint>") -> nn.Module:
-    """Rebuild the model a checkpoint describes and load its weights."""
-    arch, data = ckpt["arch"], ckpt["data"]
+def build_arch(arch: dict, data: dict) -> nn.Module:
+    """The model an arch entry names, for the data it describes, before its weights are loaded."""
     from kdcli.models.tv import WEIGHTS_FROM_CHECKPOINT
 
     token = WEIGHTS_FROM_CHECKPOINT.set(True)  # no download of pretrained weights that are replaced here
     try:
-        model = build_model(arch["name"], data["input_shape"], data["num_classes"], arch.get("kwargs"))
+        return build_model(arch["name"], data["input_shape"], data["num_classes"], arch.get("kwargs"))
     finally:
         WEIGHTS_FROM_CHECKPOINT.reset(token)
+
+
+def build_from(ckpt: dict, path: str | Path = "<checkpoint>") -> nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights."""
+    arch = ckpt["arch"]
+    model = build_arch(arch, ckpt["data"])
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

@@ -68,6 +68,17 @@ class TransferConfig:
 
 
 @dataclass
+class PruneConfig:
+    kind: str = "none"  # none, unstructured (smallest |w|) or channel (output channels / rows of lowest L2 norm)
+    initial: float = 0.5  # sparsity of each pruned layer at start_step
+    final: float = 0.75  # ... rising to this at end_step (Zhu & Gupta 2017 polynomial schedule)
+    start_step: int = 0  # training steps before the first mask (0: the initialised student)
+    end_step: Optional[int] = None  # null: at 75 % of the run's training steps
+    every: int = 50  # training steps between mask updates
+    power: float = 3.0  # exponent of the schedule: larger prunes more early
+
+
+@dataclass
 class DistillConfig(TrainTeacherConfig):
     student: Any = MISSING
     loss: Any = MISSING
@@ -83,22 +94,35 @@ class DistillConfig(TrainTeacherConfig):
     confidence_weights: bool = False  # weight samples by B * softmax(teacher confidence / temperature)
     confidence_temperature: float = 1.0
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)  # magnitude pruning of the student (kdcli/prune.py)
+
+
+@dataclass
+class LatencyConfig:
+    batch_size: int = 256  # the larger batch (latency and throughput); batch 1 is always measured
+    warmup: int = 5  # untimed runs first
+    repeats: int = 20  # timed runs; the median is reported (0: no timing)
+    threads: Optional[int] = None  # CPU threads for PyTorch and ONNX Runtime (null: PyTorch's default)
 
 
 @dataclass
 class EvaluateConfig(CommonConfig):
-    checkpoints: List[str] = field(default_factory=list)
+    checkpoints: List[str] = field(default_factory=list)  # checkpoints or exported files (.onnx, .pt2, ...)
     run: Optional[str] = None  # a distill or train-teacher run directory
-    reference: Optional[str] = None  # checkpoint to measure agreement against (default: the teacher)
+    reference: Optional[str] = None  # model to measure agreement and KL against (default: the teacher)
     split: str = "test"
     limit: Optional[int] = None  # evaluate on at most this many images of the split
     eval_batch_size: int = 1000
+    labels: List[str] = field(default_factory=list)  # names for the table, one per model
+    figures: bool = True  # confusion.png, reliability.png, tradeoff.png
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
 
 
 @dataclass
 class ExportConfig(CommonConfig):
-    checkpoint: Optional[str] = None  # default: the distilled student of the latest distill run
-    formats: List[str] = field(default_factory=lambda: ["torchscript", "onnx"])
+    checkpoint: Optional[str] = None  # default: the distilled student of run=DIR or of the latest distill run
+    run: Optional[str] = None  # a distill run directory: its student is exported
+    formats: List[str] = field(default_factory=lambda: ["torchscript", "onnx", "torch_export", "safetensors"])
     out_dir: Optional[str] = None  # default: the run directory
     opset: int = 18
     check_batches: int = 2  # batches of real test inputs compared against PyTorch
@@ -106,11 +130,26 @@ class ExportConfig(CommonConfig):
     atol: float = 1e-4
 
 
+@dataclass
+class QuantizeConfig(CommonConfig):
+    checkpoint: Optional[str] = None  # default: the distilled student of run=DIR or of the latest distill run
+    run: Optional[str] = None  # a distill run directory: its student is quantized
+    modes: List[str] = field(default_factory=lambda: ["dynamic", "static"])
+    calibration: int = 512  # training images that calibrate the activation ranges (static)
+    per_channel: bool = True  # one scale per output channel of each weight
+    static_format: str = "qdq"  # qdq (QuantizeLinear/DequantizeLinear pairs) or qoperator (QLinearConv, ...)
+    out_dir: Optional[str] = None  # default: this run's directory
+    opset: int = 18
+    limit: Optional[int] = None  # score on at most this many test images
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+
+
 SCHEMAS = {
     "train_teacher": TrainTeacherConfig,
     "distill": DistillConfig,
     "evaluate": EvaluateConfig,
     "export": ExportConfig,
+    "quantize": QuantizeConfig,
 }
 
 
@@ -124,6 +163,10 @@ SMOKE = {
     "limit": 256,
     "check_batches": 1,
     "batch_size": 64,
+    "latency.batch_size": 64,
+    "latency.warmup": 1,
+    "latency.repeats": 3,
+    "calibration": 64,
 }
 
 
@@ -295,9 +338,31 @@ def validate(cfg: DictConfig, command: str) -> None:
         _check(cfg.split in ("train", "val", "test"), f"split={cfg.split}: choose one of train, val, test.")
         _at_least(cfg, "eval_batch_size", 1)
         _at_least(cfg, "limit", 1, nullable=True)
+    if command == "quantize":
+        bad = [m for m in cfg.modes if m not in ("dynamic", "static")]
+        _check(not bad and len(cfg.modes) > 0, f"modes={list(cfg.modes)}: choose from dynamic, static.")
+        _check(
+            cfg.static_format in ("qdq", "qoperator"), f"static_format={cfg.static_format}: choose qdq or qoperator."
+        )
+        _at_least(cfg, "calibration", 1)
+        _at_least(cfg, "limit", 1, nullable=True)
+        _at_least(cfg, "opset", 10)
+        _check(not (cfg.checkpoint and cfg.run), "Give checkpoint=PATH or run=DIR (its student), not both.")
+    if command in ("evaluate", "quantize"):
+        _at_least(cfg, "latency.batch_size", 1)
+        _at_least(cfg, "latency.warmup", 0)
+        _at_least(cfg, "latency.repeats", 0)
+        _at_least(cfg, "latency.threads", 1, nullable=True)
     if command == "export":
-        bad = [f for f in cfg.formats if f not in ("torchscript", "onnx")]
-        _check(not bad and len(cfg.formats) > 0, f"formats={list(cfg.formats)}: choose from torchscript, onnx.")
+        from kdcli.formats import EXPORTERS
+
+        bad = [f for f in cfg.formats if f not in EXPORTERS]
+        _check(
+            not bad and len(cfg.formats) > 0,
+            f"formats={list(cfg.formats)}: choose from {', '.join(EXPORTERS)} (e.g. formats=[onnx,safetensors]).",
+        )
+        _check(not (cfg.checkpoint and cfg.run), "Give checkpoint=PATH or run=DIR (its student), not both.")
+        _at_least(cfg, "opset", 7)
         _at_least(cfg, "check_batches", 1)
         _at_least(cfg, "batch_size", 1)
         _at_least(cfg, "atol", 0)
@@ -343,6 +408,7 @@ def _validate_distill(cfg: DictConfig) -> None:
     )
     for name in cfg.features or {}:
         _check(name in FEATURE_LOSSES, f"features.{name}: {_names(FEATURE_LOSSES)}")
+    _validate_prune(cfg.prune)
     method = cfg.method
     _check(method.name in METHODS, f"method.name={method.name}: choose one of {', '.join(METHODS)}.")
     if method.name == "dml":
@@ -356,6 +422,26 @@ def _validate_distill(cfg: DictConfig) -> None:
         )
         for name in method.assistants:
             _check(name in MODELS, f"method.assistants: '{name}' is an {_names(MODELS)}")
+
+
+def _validate_prune(p: DictConfig) -> None:
+    """The schedule's own ranges; whether end_step fits the run is checked once the steps are known."""
+    from kdcli.prune import KINDS
+
+    _check(p.kind in KINDS, f"prune.kind={p.kind}: choose one of {', '.join(KINDS)}.")
+    _check(
+        0 <= p.initial <= p.final < 1,
+        f"prune.initial={p.initial} and prune.final={p.final} must satisfy 0 <= initial <= final < 1 (shares of "
+        "each layer's weights set to zero). Fix: e.g. prune.initial=0.5 prune.final=0.75.",
+    )
+    _check(p.start_step >= 0, f"prune.start_step={p.start_step} must be >= 0 (training steps before pruning starts).")
+    _check(
+        p.end_step is None or p.end_step > p.start_step,
+        f"prune.end_step={p.end_step} must be after prune.start_step={p.start_step}. Fix: a larger prune.end_step, "
+        "or null (75 % of the run).",
+    )
+    _check(p.every >= 1, f"prune.every={p.every} must be >= 1 (training steps between mask updates).")
+    _check(p.power > 0, f"prune.power={p.power} must be > 0 (exponent of the schedule; the paper uses 3).")
 
 
 def _names(registry) -> str:

@@ -31,6 +31,7 @@ from kdcli.losses.objective import Objective
 from kdcli.losses.taps import Taps
 from kdcli.models import count_params
 from kdcli.optim import build_optimizer, build_scheduler
+from kdcli.prune import Pruner, sparsity
 from kdcli.report import progress_bar
 
 log = logging.getLogger("kdcli")
@@ -97,6 +98,7 @@ class Trainee:
     scheduler: object = None
     taps: Optional[Taps] = None  # the layers its objective reads (as a student)
     source_taps: Optional[Taps] = None  # the layers other trainees read from it (as a teacher)
+    pruner: Optional[Pruner] = None  # magnitude pruning along a schedule of training steps (kdcli/prune.py)
 
 
 @dataclass
@@ -113,6 +115,12 @@ class Teacher:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x if self.scale is None else x * self.scale + self.shift)
+
+
+def epoch_steps(data, tcfg) -> int:
+    """Training steps per epoch: the batches of the training split, at most trainer.max_batches."""
+    steps = data.steps_per_epoch(tcfg.batch_size)
+    return min(steps, tcfg.max_batches) if tcfg.max_batches else steps
 
 
 def _set_frozen(trainee: Trainee, epoch: int) -> None:
@@ -157,6 +165,8 @@ def fit(
     validation) and {role}_last.pt, one metrics.jsonl line per epoch, test accuracy of both.
     hint=True runs a FitNets first stage (hint terms only) and returns the last weights, since
     validation accuracy means nothing there. A single Trainee gives a single FitResult.
+    A trainee with a `pruner` has its masks updated after each step (its state dict holds them, so
+    training states restore them); it comes back plain, the pruned weights made permanent zeros.
 
     A training state (kdcli/resume.py) is saved at each epoch's end, every
     trainer.save_every_min minutes and on Ctrl-C/SIGTERM; with resume=True the loop continues
@@ -165,9 +175,7 @@ def fit(
     trainees = [trainees] if single else list(trainees)
     tcfg = cfg.trainer
     epochs = int(epochs or tcfg.epochs)
-    steps = data.steps_per_epoch(tcfg.batch_size)
-    if tcfg.max_batches:
-        steps = min(steps, tcfg.max_batches)
+    steps = epoch_steps(data, tcfg)
     for t in trainees:
         params = list(t.model.parameters()) + list(t.objective.parameters())
         t.optimizer = build_optimizer(params, cfg.optimizer)
@@ -187,6 +195,11 @@ def fit(
         log.info(f"{'+'.join(roles):<8} resuming after epoch {loop.epochs_done} + {loop.step} step(s) from {loop.path}")
     if resume:  # rows written after the state was saved (or before the first one) are written again
         resume_mod.trim_metrics(Path(run_dir) / "metrics.jsonl", roles, loop.epochs_done)
+
+    if loop.epochs_done == 0 and loop.step == 0:  # a fresh loop: prune.start_step=0 prunes before the first step
+        for t in trainees:
+            if t.pruner is not None:
+                t.pruner.update(0)
 
     started = time.perf_counter() - loop.elapsed
     with progress_bar(show_progress, "+".join(roles), epochs * steps) as advance, interrupt.training():
@@ -251,6 +264,8 @@ def fit(
                 for t in trainees:
                     if t.scheduler is not None:
                         t.scheduler.step()
+                    if t.pruner is not None:  # masks from the magnitudes after this step
+                        t.pruner.update((epoch - 1) * steps + step + 1)
                 loop.step = step + 1
                 advance()
                 if interrupt.requested() is not None:
@@ -271,6 +286,8 @@ def fit(
         if keep == "best":
             model.load_state_dict(st["best_state"])
         test_best = evaluate(model, data.test, tcfg.eval_batch_size)
+        if t.pruner is not None:  # callers get a plain module, its pruned weights zeros
+            t.pruner.make_permanent()
         metrics = {
             "params": count_params(model),
             "best_epoch": st["best_epoch"] if keep == "best" else epochs,
@@ -283,6 +300,8 @@ def fit(
         }
         if loop.skipped_total:
             metrics["skipped_steps"] = loop.skipped_total
+        if t.pruner is not None:
+            metrics["sparsity"] = sparsity(model)
         results[t.role] = FitResult(model, metrics, ckpt_dir / f"{t.role}_best.pt", ckpt_dir / f"{t.role}_last.pt")
     # The finished loop's state shrinks to its results: a resumed run reuses them.
     resume_mod.save(
@@ -301,6 +320,8 @@ def _finished(trainees: list[Trainee], saved: dict, ckpt_dir: Path, single: bool
     for t in trainees:
         metrics = dict(saved["results"][t.role])
         path = ckpt_dir / f"{t.role}_{saved['keep']}.pt"
+        if t.pruner is not None:  # checkpoints are plain: so must the model be to load one
+            t.pruner.make_permanent()
         t.model.load_state_dict(checkpoint.load(path)["state_dict"])
         t.objective.load_state_dict(saved["objectives"][t.role])
         metrics["checkpoint"] = str(path)
@@ -495,8 +516,13 @@ def _end_epoch(keep: str, t: Trainee, loop: "_Loop", epoch: int, sched: dict, ru
     }
     if skipped:
         row["skipped_steps"] = skipped
+    if t.pruner is not None:
+        row["sparsity"] = sparsity(t.model)
     st["rows"].append(row)
-    improved = val["acc"] > st["best_acc"] and keep == "best"
+    # While pruning, only epochs ending at the final sparsity may be best (an earlier, denser one would win
+    # on validation); end_step fits in the run, so the last epoch always may.
+    final = t.pruner is None or t.pruner.reached(epoch * loop.steps)
+    improved = val["acc"] > st["best_acc"] and keep == "best" and final
     if improved:
         st["best_acc"], st["best_epoch"] = val["acc"], epoch
         st["best_state"] = copy.deepcopy(t.model.state_dict())
@@ -510,6 +536,8 @@ def _end_epoch(keep: str, t: Trainee, loop: "_Loop", epoch: int, sched: dict, ru
             "gradients grow with T) or optimizer=adam."
         )
     extra = "".join(f"  {k} {v:g}" for k, v in sched.items())
+    if "sparsity" in row:
+        extra += f"  sparsity {row['sparsity']:.1%}"
     log.info(
         f"{role:<8} epoch {epoch:>3}/{epochs}  loss {train_loss:7.4f}  "
         f"train {row['train_acc']:7.2%}  val {val['acc']:7.2%}{' *' if improved else '  '}  "

@@ -27,7 +27,7 @@ def metrics(run_dir: Path) -> dict:
 
 def test_distill_prune_export_quantize_evaluate(kd):
     runs = kd.dir / "runs"
-    r = kd("distill", "features=[fitnet]", *TINY)
+    r = kd("distill", "features=[fitnet]", "features.fitnet.weight=1", *TINY)
     assert r.returncode == 0, r.stdout + r.stderr
     d_dir = newest(runs / "distill")
     m = metrics(d_dir)
@@ -51,7 +51,8 @@ def test_distill_prune_export_quantize_evaluate(kd):
         keys = set(f.keys())
     assert keys == set(build_model("mlp", (1, 28, 28), 10).state_dict())  # nothing but the student
     state = torch.load(d_dir / "checkpoints" / "student_resume.pt", weights_only=True)
-    assert any(state["trainees"]["student"]["objective"])  # the adapter exists, in the training state only
+    adapter = state["objectives"]["student"]  # the FitNets regressor exists, in the training state only
+    assert any(k.endswith("weight") for k in adapter) and not keys & set(adapter)
     card = json.loads((e_dir / "mlp_student.json").read_text())
     assert card["arch"]["name"] == "mlp" and card["onnx_opset"] == 18 and card["class_names"][0] == "0"
 
@@ -77,6 +78,7 @@ def test_distill_prune_export_quantize_evaluate(kd):
         p_dir / "checkpoints" / "student_best.pt",
         exports["onnx"]["path"],
         exports["torch_export"]["path"],
+        exports["torchscript"]["path"],
         q_dir / "mlp_student.int8-dynamic.onnx",
     ]
     r = kd("evaluate", f"checkpoints=[{','.join(map(str, files))}]", "latency.repeats=2", "latency.warmup=1")
@@ -91,6 +93,7 @@ def test_distill_prune_export_quantize_evaluate(kd):
         "student (pruned 75% unstructured)",
         "student (onnx)",
         "student (torch_export)",
+        "student (torchscript)",
         "student (int8 dynamic, onnx)",
     ]
     for name in rows:
@@ -99,6 +102,7 @@ def test_distill_prune_export_quantize_evaluate(kd):
     assert rows["student"]["acc"] == pytest.approx(m["student"]["test_acc"])
     assert rows["student (onnx)"]["acc"] == rows["student"]["acc"]  # the export scores as its checkpoint
     assert rows["student (torch_export)"]["acc"] == rows["student"]["acc"]
+    assert rows["student (torchscript)"]["acc"] == rows["student"]["acc"]
     assert rows["student"]["agreement"] == pytest.approx(m["student"]["teacher_agreement"])
     assert rows["student (pruned 75% unstructured)"]["sparsity"] == pytest.approx(0.75, abs=0.005)
     assert rows["student"]["sparsity"] == 0.0 and rows["teacher"]["agreement"] == 1.0

@@ -314,3 +314,9 @@ def _print_results(results: dict) -> None:
     if "kd_gain" in results:
         gain = 100 * results["kd_gain"]
         console.print(f"KD gain over the scratch student: [bold]{gain:+.2f}[/bold] points of test accuracy")
+    for r in results.values():
+        if isinstance(r, dict) and "sparsity" in r:  # params and FLOPs above count the zeros too
+            console.print(
+                f"{r['label']}: {r['sparsity']:.2%} of its prunable weights are zero "
+                f"(prune.kind={r['pruning']['kind']}, classifier kept dense)"
+            )

@@ -32,10 +32,11 @@ from kdcli.commands.distill import (
     teacher_logits,
 )
 from kdcli.data import DeviceData
-from kdcli.engine import Teacher, Trainee, agreement, fit, predict, scores
+from kdcli.engine import Teacher, Trainee, agreement, epoch_steps, fit, predict, scores
 from kdcli.errors import KdError
 from kdcli.losses.taps import Taps
 from kdcli.models import count_flops, count_params
+from kdcli.prune import Pruner, plan
 from kdcli.transfer import check_module_names, copy_matching, summarise
 
 log = logging.getLogger("kdcli")
@@ -121,8 +122,9 @@ class Run:
         res = self.fit(self.trainee("scratch", model, labels_only(self.cfg, self.data.device), spec))
         self.record("scratch", "student, from scratch", res, spec)
 
-    def distill(self, role: str, label: str, model, spec: dict, teachers: list[Teacher], objective, **kw):
-        """Train `model` from frozen teachers, with a FitNets hint stage first if asked."""
+    def distill(self, role: str, label: str, model, spec: dict, teachers: list[Teacher], objective, pruning=None, **kw):
+        """Train `model` from frozen teachers, with a FitNets hint stage first if asked; pruned
+        along the schedule `pruning` (prune.plan's settings) in the main stage, if given."""
         trainee = self.trainee(role, model, objective, spec, **kw)
         if objective.features:
             teachers[0].taps = Taps(teachers[0].model, objective.teacher_layers, "teacher", self.data.info.input_shape)
@@ -131,14 +133,21 @@ class Run:
                 log.info(f"{role:<8} FitNets stage 1: {objective.hint_epochs} epoch(s) of hint training only")
                 hint = dataclasses.replace(trainee, role=f"{role}_hint")
                 self.fit(hint, teachers, epochs=objective.hint_epochs, hint=True)
+            if pruning:  # attached after the hint stage, a fit of its own that prunes nothing
+                trainee.pruner = Pruner(model, **pruning)
+                trainee.ckpt_meta = {**trainee.ckpt_meta, "pruning": pruning}  # kd evaluate shows it
             res = self.fit(trainee, teachers)
         finally:  # hooks off, also when training fails: the models may be used again in-process
+            if trainee.pruner is not None:
+                trainee.pruner.make_permanent()
             for taps in [trainee.taps] + [t.taps for t in teachers]:
                 if taps:
                     taps.remove()
             for t in teachers:
                 t.taps = None
         self.record(role, label, res, spec)
+        if pruning:
+            self.results[role]["pruning"] = pruning
         return res
 
     def finish(self, final: str = "student") -> dict:
@@ -161,7 +170,7 @@ def _label(cfg) -> str:
     return ", ".join(parts)
 
 
-def _refuse(cfg, method: str, *, features=False, teacher=False, transfer=False) -> None:
+def _refuse(cfg, method: str, *, features=False, teacher=False, transfer=False, prune=False) -> None:
     if features and cfg.features:
         raise KdError(
             f"method={method} does not take feature terms (features={list(cfg.features)}): they name layers of one "
@@ -171,12 +180,21 @@ def _refuse(cfg, method: str, *, features=False, teacher=False, transfer=False) 
         raise KdError(f"method={method} trains without a pretrained teacher: drop teacher.ckpt / teachers.")
     if transfer and (cfg.transfer.init_from_teacher or cfg.transfer.freeze):
         raise KdError(f"transfer.* applies to method=standard (one pretrained teacher); not to method={method}.")
+    if prune and cfg.prune.kind != "none":
+        raise KdError(
+            f"prune.kind={cfg.prune.kind} prunes the distilled student of method=standard; method={method} does "
+            "not prune. Use method=standard, or drop prune.kind (none)."
+        )
 
 
 def standard(run: Run) -> dict:
     cfg, data = run.cfg, run.data
     if cfg.features and cfg.teachers and len(cfg.teachers) > 1:
         raise KdError("Feature terms take one teacher; with teachers=[...] use logit losses only.")
+    # A schedule that does not fit the run fails before a teacher or the baseline trains.
+    pruning = None
+    if cfg.prune.kind != "none":
+        pruning = plan(cfg.prune, cfg.trainer.epochs * epoch_steps(data, cfg.trainer), run.student)
     loaded = obtain_teachers(cfg, data, run.ctx)
     teachers = frozen_teachers(loaded, data)
     objective = build_objective(cfg, data, run.student, teachers[0], teachers)
@@ -235,6 +253,7 @@ def standard(run: Run) -> dict:
         objective,
         freeze=list(tr.freeze),
         freeze_epochs=tr.freeze_epochs,
+        pruning=pruning,
     )
     return run.finish()
 
@@ -242,7 +261,7 @@ def standard(run: Run) -> dict:
 def ta(run: Run) -> dict:
     """Teacher -> assistants -> student; each link uses the logit loss of the config."""
     cfg, data = run.cfg, run.data
-    _refuse(cfg, "ta", features=True, transfer=True)
+    _refuse(cfg, "ta", features=True, transfer=True, prune=True)
     loaded = obtain_teachers(cfg, data, run.ctx)
     teachers = frozen_teachers(loaded, data)
     objective = build_objective(cfg, data, run.student, None, teachers)
@@ -270,7 +289,7 @@ def born_again(run: Run) -> dict:
     """Generation 0 is the student architecture trained on labels (the scratch run); generation
     k is a fresh copy distilled from generation k - 1."""
     cfg, data = run.cfg, run.data
-    _refuse(cfg, "born_again", teacher=True, transfer=True)
+    _refuse(cfg, "born_again", teacher=True, transfer=True, prune=True)
     model, spec = run.fresh_student()
     res = run.fit(run.trainee("scratch", model, labels_only(cfg, data.device), spec))
     run.record("scratch", "generation 0 (labels only) = scratch", res, spec)
@@ -295,7 +314,7 @@ def dml(run: Run) -> dict:
     """Peers (copies of the student architecture, each its own initial weights) trained
     together; each one's objective averages its distillation term over the other peers."""
     cfg, data = run.cfg, run.data
-    _refuse(cfg, "dml", features=True, teacher=True, transfer=True)
+    _refuse(cfg, "dml", features=True, teacher=True, transfer=True, prune=True)
     run.scratch()
     n = int(cfg.method.peers)
     roles = ["student"] + [f"peer{k}" for k in range(2, n + 1)]
@@ -317,7 +336,7 @@ def joint(run: Run) -> dict:
     """The teacher, from fresh weights, trains on labels while the student distills from its
     current (detached) outputs and features at every step."""
     cfg, data = run.cfg, run.data
-    _refuse(cfg, "joint", teacher=True, transfer=True)
+    _refuse(cfg, "joint", teacher=True, transfer=True, prune=True)
     if any(node.get("hint_epochs") for node in (cfg.features or {}).values()):
         raise KdError("features.fitnet.hint_epochs needs a trained teacher; method=joint trains it alongside.")
     teacher, t_spec = new_model(cfg.teacher, data, run.ctx.device, int(cfg.seed) + 1)
