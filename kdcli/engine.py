@@ -61,11 +61,6 @@ def scores(logits: torch.Tensor, y: torch.Tensor) -> dict:
     }
 
 
-def agreement(logits: torch.Tensor, reference: torch.Tensor) -> float:
-    """Share of rows on which the two sets of logits pick the same class."""
-    return (logits.argmax(1) == reference.argmax(1)).float().mean().item()
-
-
 def evaluate(model: nn.Module, split: DeviceSplit | StreamSplit, batch_size: int) -> dict:
     return scores(predict(model, split, batch_size), split.y)
 

@@ -32,9 +32,10 @@ from kdcli.commands.distill import (
     teacher_logits,
 )
 from kdcli.data import DeviceData
-from kdcli.engine import Teacher, Trainee, agreement, epoch_steps, fit, predict, scores
+from kdcli.engine import Teacher, Trainee, epoch_steps, fit, predict, scores
 from kdcli.errors import KdError
 from kdcli.losses.taps import Taps
+from kdcli.metrics import agreement
 from kdcli.models import count_flops, count_params
 from kdcli.prune import Pruner, plan
 from kdcli.transfer import check_module_names, copy_matching, summarise
@@ -187,7 +188,9 @@ def _refuse(cfg, method: str, *, features=False, teacher=False, transfer=False, 
         )
 
 
-def standard(run: Run) -> dict:
+def standard(run: Run, loaded: list[tuple] | None = None) -> dict:
+    """`loaded`: the teachers as (model, checkpoint, path) when the caller has them already
+    (kdcli.api: modules, checkpoints); by default they come from the config."""
     cfg, data = run.cfg, run.data
     if cfg.features and cfg.teachers and len(cfg.teachers) > 1:
         raise KdError("Feature terms take one teacher; with teachers=[...] use logit losses only.")
@@ -195,7 +198,7 @@ def standard(run: Run) -> dict:
     pruning = None
     if cfg.prune.kind != "none":
         pruning = plan(cfg.prune, cfg.trainer.epochs * epoch_steps(data, cfg.trainer), run.student)
-    loaded = obtain_teachers(cfg, data, run.ctx)
+    loaded = obtain_teachers(cfg, data, run.ctx) if loaded is None else loaded
     teachers = frozen_teachers(loaded, data)
     objective = build_objective(cfg, data, run.student, teachers[0], teachers)
     t_logits = teacher_logits(teachers, objective, data.test, cfg.trainer.eval_batch_size)

@@ -11,6 +11,7 @@ warns of its removal, so kdcli quantizes the ONNX export, which is also what shi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -38,6 +39,18 @@ class _Calibration:
 
     def get_next(self):
         return next(self.batches, None)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ONNX Runtime's quantizer logs its progress on the root logger, which prints kdcli's lines."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _quantize(mode: str, prepared: Path, target: Path, cfg, calib: torch.Tensor | None) -> None:
@@ -85,7 +98,8 @@ def run(cfg, ctx: Context) -> dict:
 
     prepared = out_dir / f".{stem}.prepared.onnx"
     try:
-        quant_pre_process(str(float_onnx), str(prepared))
+        with _quiet():
+            quant_pre_process(str(float_onnx), str(prepared))
         files = {"float, onnx": float_onnx}
         calib = data.train.head(cfg.calibration) if "static" in cfg.modes else None
         for mode in cfg.modes:
@@ -100,7 +114,8 @@ def run(cfg, ctx: Context) -> dict:
             if mode == "static":
                 settings.update(calibration_images=len(calib), graph=cfg.static_format)
             try:
-                _quantize(mode, prepared, target, cfg, calib)
+                with _quiet():
+                    _quantize(mode, prepared, target, cfg, calib)
             except Exception as e:  # the quantizer's failures name the op it cannot handle
                 raise KdError(
                     f"{mode} quantization of {path} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}. "
