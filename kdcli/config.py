@@ -346,7 +346,7 @@ def validate(cfg: DictConfig, command: str) -> None:
         )
         _at_least(cfg, "calibration", 1)
         _at_least(cfg, "limit", 1, nullable=True)
-        _at_least(cfg, "opset", 10)
+        _at_least(cfg, "opset", 18)
         _check(not (cfg.checkpoint and cfg.run), "Give checkpoint=PATH or run=DIR (its student), not both.")
     if command in ("evaluate", "quantize"):
         _at_least(cfg, "latency.batch_size", 1)
@@ -362,7 +362,7 @@ def validate(cfg: DictConfig, command: str) -> None:
             f"formats={list(cfg.formats)}: choose from {', '.join(EXPORTERS)} (e.g. formats=[onnx,safetensors]).",
         )
         _check(not (cfg.checkpoint and cfg.run), "Give checkpoint=PATH or run=DIR (its student), not both.")
-        _at_least(cfg, "opset", 7)
+        _at_least(cfg, "opset", 18)
         _at_least(cfg, "check_batches", 1)
         _at_least(cfg, "batch_size", 1)
         _at_least(cfg, "atol", 0)

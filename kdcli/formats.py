@@ -9,6 +9,7 @@ knows what it is."""
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 import zipfile
@@ -113,8 +114,9 @@ def export_torch_export(model: nn.Module, example: torch.Tensor, path: Path, car
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_batch())
-    extra = {f"{CARD}.json": json.dumps(card)}
-    atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files=extra))
+    buffer = io.BytesIO()  # torch.export.save wants a .pt2 name: the temp file of atomic_write has none
+    torch.export.save(program, buffer, extra_files={f"{CARD}.json": json.dumps(card)})
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
 
 
 def export_safetensors(model: nn.Module, example: torch.Tensor, path: Path, card: dict, opset: int) -> None:
@@ -149,6 +151,14 @@ class ModelFile:
     device: torch.device
     module: Optional[nn.Module] = None  # the PyTorch module, when the format gives one
     threads: Optional[int] = None  # intra-op threads of the runtime
+    weights: Optional[Callable[[], dict]] = None  # named float weights, for formats that hide the module
+
+    def state_dict(self) -> dict | None:
+        """The float weights by parameter name, when the file holds them under those names
+        (int8 files do not); None otherwise."""
+        if self.module is not None:
+            return self.module.state_dict()
+        return self.weights() if self.weights else None
 
     @property
     def label(self) -> str:
@@ -229,9 +239,8 @@ def _open_torchscript(path: Path, threads: int) -> ModelFile:
         warnings.simplefilter("ignore")
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
     cpu = torch.device("cpu")
-    return ModelFile(
-        path, "torchscript", _card(extra[f"{CARD}.json"], path), _torch_runner(module, cpu), cpu, None, threads
-    )
+    card = _card(extra[f"{CARD}.json"], path)
+    return ModelFile(path, "torchscript", card, _torch_runner(module, cpu), cpu, None, threads, module.state_dict)
 
 
 def _open_torch_export(path: Path, threads: int) -> ModelFile:
@@ -240,9 +249,8 @@ def _open_torch_export(path: Path, threads: int) -> ModelFile:
         warnings.simplefilter("ignore")
         module = torch.export.load(str(path), extra_files=extra).module()
     cpu = torch.device("cpu")
-    return ModelFile(
-        path, "torch_export", _card(extra[f"{CARD}.json"], path), _torch_runner(module, cpu), cpu, None, threads
-    )
+    card = _card(extra[f"{CARD}.json"], path)
+    return ModelFile(path, "torch_export", card, _torch_runner(module, cpu), cpu, None, threads, module.state_dict)
 
 
 def _open_onnx(path: Path, threads: int) -> ModelFile:
@@ -256,9 +264,19 @@ def _open_onnx(path: Path, threads: int) -> ModelFile:
     name = session.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {name: x.detach().cpu().float().numpy()})[0])
+        try:
+            return torch.from_numpy(session.run(None, {name: x.detach().cpu().float().numpy()})[0])
+        except Exception as e:  # e.g. an op this build of ONNX Runtime does not implement
+            raise KdError(f"ONNX Runtime cannot run {path}: {str(e).strip().splitlines()[0][:300]}") from None
 
-    return ModelFile(path, "onnx", card, run, torch.device("cpu"), None, threads)
+    def weights() -> dict:
+        import onnx
+        from onnx import numpy_helper
+
+        graph = onnx.load(str(path)).graph
+        return {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
+
+    return ModelFile(path, "onnx", card, run, torch.device("cpu"), None, threads, weights)
 
 
 def _open_safetensors(path: Path, threads: int) -> ModelFile:

@@ -3,6 +3,7 @@ initialisation of the runtime), then the median wall time of repeated runs."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Callable
@@ -44,3 +45,16 @@ def costs(run, x_small: torch.Tensor, x_large: torch.Tensor, device: torch.devic
         "latency_batch": len(x_large),
         "throughput_per_s": len(x_large) / (many / 1000),
     }
+
+
+@contextlib.contextmanager
+def threads(n: int | None):
+    """PyTorch's intra-op thread count set to n (None: left as it is) for the block, then put
+    back: one job of a sweep does not change the next one's."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -69,10 +69,36 @@ def target_sparsity(step: int, initial: float, final: float, start: int, end: in
     return final + (initial - final) * (1 - (step - start) / (end - start)) ** power
 
 
-def plan(node, total_steps: int, model: nn.Module) -> dict:
+@torch.no_grad()
+def _bypassed(model: nn.Module, input_shape) -> list[str]:
+    """Prunable layers whose forward never runs: attention blocks (nn.MultiheadAttention,
+    torchvision's Swin) read their projections' .weight directly, so prune's forward pre-hook,
+    which applies the mask, would never fire for them."""
+    called: set[str] = set()
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: called.add(n)) for n, m in prunable(model)]
+    was_training = model.training
+    try:
+        param = next(model.parameters())
+        model.eval()(torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return [n for n, _ in prunable(model) if n not in called]
+
+
+def plan(node, total_steps: int, model: nn.Module, input_shape=None) -> dict:
     """The settings of a prune config node for `model` and a run of `total_steps` training steps,
     with end_step resolved (null: 75 % of the run). Raises KdError if they do not fit."""
     _layers(model, node.kind)
+    skipped = _bypassed(model, input_shape) if input_shape is not None else []
+    if skipped:
+        raise KdError(
+            f"prune.kind={node.kind}: the student's layers {', '.join(skipped[:3])}"
+            f"{' ...' if len(skipped) > 3 else ''} are used without calling their forward (attention projections), "
+            "so their masks would not apply. Pruning supports convolutional and MLP students; use one of them, "
+            "or prune.kind=none."
+        )
     end = node.end_step
     if end is None:
         end = max(1, int(END_FRACTION * total_steps))

@@ -75,3 +75,34 @@ def test_labels_name_pruning_and_quantization():
     card = {"role": "student", "pruning": {"final": 0.75, "kind": "unstructured"}, "quantization": {"mode": "static"}}
     m = formats.ModelFile(path=None, fmt="onnx", card=card, run=None, device=torch.device("cpu"))
     assert m.label == "student (pruned 75% unstructured, int8 static, onnx)"
+
+
+def test_an_export_that_differs_from_pytorch_fails_its_check(tmp_path):
+    from kdcli.commands.export import check
+
+    model, ck = _checkpoint("mlp")
+    path = tmp_path / "m.onnx"
+    x = torch.randn(20, 1, 28, 28)
+    formats.export_onnx(model, x[:2], path, formats.card_of(ck, "src.pt"), 18)
+    with torch.no_grad():
+        reference = model(x)
+    assert check(path, x, reference, 8, atol=1e-4)["ok"]
+    shifted = reference.clone()
+    shifted[3, 0] += 0.01  # one logit off by 0.01: the agreement may stay, the check must not pass
+    r = check(path, x, shifted, 8, atol=1e-4)
+    assert not r["ok"] and r["max_abs_diff"] == pytest.approx(0.01, abs=1e-4) and r["checked_images"] == 20
+
+
+@pytest.mark.parametrize("fmt", list(formats.EXPORTERS))
+def test_sparsity_is_read_from_every_float_format(tmp_path, fmt):
+    from kdcli.commands.evaluate import _sparsity
+    from kdcli.prune import sparsity
+
+    model, ck = _checkpoint("mlp")
+    with torch.no_grad():
+        model[1].weight[:, ::2] = 0  # half the first layer's weights; the classifier is not counted
+    path = tmp_path / f"m{formats.SUFFIXES[fmt]}"
+    formats.EXPORTERS[fmt](model, torch.zeros(2, 1, 28, 28), path, formats.card_of(ck, "src.pt"), 18)
+    opened = formats.open_model(path)
+    assert sparsity(model) == pytest.approx(0.5)
+    assert _sparsity(opened, formats.rebuild(opened.card)) == pytest.approx(0.5)

@@ -89,10 +89,20 @@ def logits_of(model: formats.ModelFile, split, batch_size: int) -> torch.Tensor:
     return torch.cat([model.run(x).float().cpu() for x in batches(split, batch_size)])
 
 
-def _sparsity(model: formats.ModelFile) -> float | None:
-    from kdcli.prune import sparsity
+def _sparsity(model: formats.ModelFile, arch: torch.nn.Module | None) -> float | None:
+    """Zero weights of the prunable layers, read from the file's own weights (None for files
+    that do not hold them by name, such as int8 ONNX files)."""
+    from kdcli.prune import prunable, sparsity
 
-    return sparsity(model.module) if model.module is not None else None
+    if model.module is not None:
+        return sparsity(model.module)
+    state = model.state_dict() if arch is not None else None
+    own = arch.state_dict() if arch is not None else {}
+    needed = {f"{name}.weight" for name, _ in prunable(arch)} if arch is not None else set()
+    if not state or not needed or not all(k in state and state[k].shape == own[k].shape for k in needed):
+        return None
+    arch.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
+    return sparsity(arch)
 
 
 def costs_of(model: formats.ModelFile, x_large: torch.Tensor, cfg) -> dict:
@@ -101,7 +111,7 @@ def costs_of(model: formats.ModelFile, x_large: torch.Tensor, cfg) -> dict:
     input_shape = model.card["data"]["input_shape"]
     out = {
         "params": count_params(arch) if arch is not None else None,
-        "sparsity": _sparsity(model),
+        "sparsity": _sparsity(model, arch),
         "size_mb": model.path.stat().st_size / 2**20,
         "flops": count_flops(arch, input_shape) if arch is not None else None,
         "device": str(model.device),
@@ -114,12 +124,15 @@ def costs_of(model: formats.ModelFile, x_large: torch.Tensor, cfg) -> dict:
 
 
 def run(cfg, ctx: Context) -> dict:
-    if cfg.latency.threads:
-        torch.set_num_threads(cfg.latency.threads)
+    with latency.threads(cfg.latency.threads):
+        return _run(cfg, ctx)
+
+
+def _run(cfg, ctx: Context) -> dict:
     paths = _select(cfg)
+    if cfg.labels and len(cfg.labels) != len(paths):
+        raise KdError(f"labels has {len(cfg.labels)} entries for {len(paths)} models: give one label per model.")
     models = [formats.open_model(p, ctx.device) for p in paths]
-    if cfg.labels and len(cfg.labels) != len(models):
-        raise KdError(f"labels has {len(cfg.labels)} entries for {len(models)} models: give one label per model.")
     data_info = _same_data([(m.path, m.card) for m in models])
     split = checkpoint_data(data_info, cfg.data_root, ctx.device).split(cfg.split)
     if cfg.limit:

@@ -23,10 +23,16 @@ from kdcli.report import console, pct, table
 log = logging.getLogger("kdcli")
 
 
-def source_checkpoint(cfg) -> Path:
+def source_checkpoint(cfg, verb: str = "export") -> Path:
     """checkpoint=PATH, else the distilled student of run=DIR, else of the latest distill run."""
     if cfg.checkpoint:
-        return Path(cfg.checkpoint).expanduser()
+        path = Path(cfg.checkpoint).expanduser()
+        if path.is_file() and (fmt := formats.detect(path)) != "checkpoint":
+            raise KdError(
+                f"{path} is an exported {fmt} file; kd {verb} starts from a kdcli checkpoint (checkpoints/*_best.pt "
+                "of a run), which its model card names as source_checkpoint."
+            )
+        return path
     run = Path(cfg.run).expanduser() if cfg.run else latest_run(cfg.runs_dir, "distill")
     if cfg.run and not run.is_dir():
         raise KdError(f"run={run}: no such directory.")
@@ -34,10 +40,20 @@ def source_checkpoint(cfg) -> Path:
     if path is None or not path.is_file():
         where = f"in {run}" if cfg.run else f"under {Path(cfg.runs_dir).expanduser()}"
         raise KdError(
-            f"Nothing to export: no distilled student {where} (checkpoints/student_best.pt). "
+            f"Nothing to {verb}: no distilled student {where} (checkpoints/student_best.pt). "
             "Run `kd distill` first, or pass checkpoint=PATH."
         )
     return path
+
+
+def export_file(fmt: str, model, x: torch.Tensor, target: Path, card: dict, opset: int, source: Path) -> None:
+    try:
+        # an example batch of 2: with 1, torch.export would fix the batch axis to 1
+        formats.EXPORTERS[fmt](model, x[:2].clone(), target, card, opset)
+    except KdError:
+        raise
+    except Exception as e:  # exporters raise many types; name the format and the cause
+        raise KdError(f"{fmt} export of {source} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
 def check(target: Path, x: torch.Tensor, reference: torch.Tensor, batch_size: int, atol: float) -> dict:
@@ -67,13 +83,7 @@ def run(cfg, ctx: Context) -> dict:
     results = {}
     for fmt in cfg.formats:
         target = out_dir / f"{stem}{formats.SUFFIXES[fmt]}"
-        try:
-            # an example batch of 2: with 1, torch.export would fix the batch axis to 1
-            formats.EXPORTERS[fmt](model, x[:2].clone(), target, card, cfg.opset)
-        except KdError:
-            raise
-        except Exception as e:  # exporters raise many types; name the format and the cause
-            raise KdError(f"{fmt} export of {path} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        export_file(fmt, model, x, target, card, cfg.opset, path)
         results[fmt] = check(target, x, reference, cfg.batch_size, cfg.atol)
         log.info(f"export   {fmt}: {target}")
     # The card again, next to the files, with the checks: what a deployment reads first, and the

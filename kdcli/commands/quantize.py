@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from kdcli import checkpoint, formats
+from kdcli import checkpoint, formats, latency
 from kdcli.app import Context
 from kdcli.commands.common import checkpoint_data
 from kdcli.commands.evaluate import costs_of, logits_of
-from kdcli.commands.export import source_checkpoint
+from kdcli.commands.export import export_file, source_checkpoint
 from kdcli.errors import KdError
 from kdcli.files import atomic_write, write_json
 from kdcli.metrics import agreement, classification
@@ -53,7 +53,7 @@ def _quiet():
         root.setLevel(level)
 
 
-def _quantize(mode: str, prepared: Path, target: Path, cfg, calib: torch.Tensor | None) -> None:
+def _quantize(mode: str, prepared: Path, target: Path, cfg, calib: torch.Tensor | None, card: dict) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     def write(tmp: str) -> None:
@@ -75,14 +75,18 @@ def _quantize(mode: str, prepared: Path, target: Path, cfg, calib: torch.Tensor 
                 activation_type=QuantType.QUInt8,  # u8 activations, s8 weights: the fast path on x86 and ARM
                 weight_type=QuantType.QInt8,
             )
+        formats.set_onnx_card(tmp, card)  # before the rename: the file appears whole, card included
 
     atomic_write(target, write)
 
 
 def run(cfg, ctx: Context) -> dict:
-    if cfg.latency.threads:
-        torch.set_num_threads(cfg.latency.threads)
-    path = source_checkpoint(cfg)
+    with latency.threads(cfg.latency.threads):
+        return _run(cfg, ctx)
+
+
+def _run(cfg, ctx: Context) -> dict:
+    path = source_checkpoint(cfg, "quantize")
     ck = checkpoint.load(path)
     model = checkpoint.build_from(ck, path).eval()
     data = checkpoint_data(ck["data"], cfg.data_root, torch.device("cpu"))
@@ -91,15 +95,14 @@ def run(cfg, ctx: Context) -> dict:
     stem = f"{ck['arch']['name']}_{ck.get('role', 'model')}"
     card = formats.card_of(ck, path.resolve())
 
-    float_onnx = out_dir / f"{stem}.onnx"
-    formats.export_onnx(model, test.head(2).clone(), float_onnx, card, cfg.opset)
+    # .float.onnx: never the name of kd export's checked file, should out_dir be an export's
+    float_onnx = out_dir / f"{stem}.float.onnx"
+    export_file("onnx", model, test.head(2), float_onnx, card, cfg.opset, path)
     # ONNX Runtime's pre-processing (shape inference, graph optimisation) before quantizing
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = out_dir / f".{stem}.prepared.onnx"
     try:
-        with _quiet():
-            quant_pre_process(str(float_onnx), str(prepared))
         files = {"float, onnx": float_onnx}
         calib = data.train.head(cfg.calibration) if "static" in cfg.modes else None
         for mode in cfg.modes:
@@ -113,15 +116,16 @@ def run(cfg, ctx: Context) -> dict:
             }
             if mode == "static":
                 settings.update(calibration_images=len(calib), graph=cfg.static_format)
-            try:
+            try:  # the quantizer's failures name the op or the tensor it cannot handle
                 with _quiet():
-                    _quantize(mode, prepared, target, cfg, calib)
-            except Exception as e:  # the quantizer's failures name the op it cannot handle
+                    if not prepared.exists():
+                        quant_pre_process(str(float_onnx), str(prepared))
+                    _quantize(mode, prepared, target, cfg, calib, {**card, "quantization": settings})
+            except Exception as e:
                 raise KdError(
                     f"{mode} quantization of {path} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}. "
                     f"Try modes=[dynamic] (linear layers only)."
                 ) from None
-            formats.set_onnx_card(target, {**card, "quantization": settings})
             files[f"int8 {mode}, onnx"] = target
     finally:
         if prepared.exists():
