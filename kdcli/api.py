@@ -12,7 +12,11 @@ configs/distill.yaml), so the defaults, the schema, the command line's checks of
 options and `validate` all apply, and a bad value raises `KdError` with the message `kd` prints.
 Training is `engine.fit`, as in the commands; a run directory (default
 `<runs_dir>/api/<command>/<date_time>`, runs_dir from $KDCLI_RUNS or ./runs) receives the same
-checkpoints, metrics.jsonl, metrics.json and config.yaml as a `kd` run.
+checkpoints, metrics.jsonl, metrics.json and config.yaml as a `kd` run, and `kd evaluate run=DIR`
+reads it. The commands' own searches do not look under api/, though: `kd distill` does not find a
+teacher trained here (it globs train_teacher/*), and `kd evaluate` / `kd export` without run= or a
+checkpoint take the latest distill/* run, not an API one. Pass the Result (from Python) or its
+.checkpoint (teacher.ckpt=..., checkpoints=[...], checkpoint=...) instead.
 
 kdcli logs to the "kdcli" logger: `logging.basicConfig(level=logging.INFO)` shows the epoch lines.
 """
@@ -29,7 +33,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Iterable, Iterator, Union
 
 import torch.nn as nn
@@ -204,7 +207,7 @@ def load_data(
     load_data("mnist5k", classes=[0, 1, 2]). data_root: where downloaded datasets live (default
     $KDCLI_DATA or ~/.cache/kdcli/data). augment: standard (the dataset's shifts/flips on the
     training split) or none. Splits are data.train, data.val, data.test (x, y on data.device)."""
-    from kdcli.commands.common import device_data
+    from kdcli.commands.common import open_dataset
 
     chosen = [f"dataset={_fmt(dataset)}"]
     chosen += [o for k, v in dataset_keys.items() for o in _as_overrides(f"dataset.{k}", v)]
@@ -213,7 +216,7 @@ def load_data(
         chosen.append(f"data_root={_fmt(str(Path(data_root).expanduser()))}")
     cfg = _compose("train_teacher", [*chosen, f"device={_fmt(device)}"])
     dev = resolve_device(cfg.device)
-    data = device_data(cfg, SimpleNamespace(resume=False, previous={}, device=dev, note=lambda key, value: None))
+    data = open_dataset(cfg, dev)  # what the commands' device_data opens, without a run to note it in
     _DATA_OVERRIDES[data] = [*chosen, f"device={_fmt(str(dev))}"]  # the device it is on, not "auto"
     return data
 
@@ -344,11 +347,8 @@ def train_teacher(
     The checkpoint works with `kd distill teacher.ckpt=...` and `kd evaluate` when the model is
     a registry one; that of your own module records arch "<custom:ClassName>", which `kd` can
     rebuild only once the class is registered (imports=[...], see README)."""
-    from kdcli.commands.common import ckpt_meta, dataset_config, new_model
-    from kdcli.commands.distill import labels_only
-    from kdcli.data.splits import SPLIT_VERSION
-    from kdcli.engine import Trainee, fit
-    from kdcli.models import count_flops
+    from kdcli.commands import train_teacher as command
+    from kdcli.commands.common import new_model
 
     mine = [] if isinstance(model, nn.Module) else _model_overrides("teacher", model)
     fixed = {} if not isinstance(model, nn.Module) else {"teacher": "the teacher is the module given."}
@@ -359,13 +359,11 @@ def train_teacher(
         if isinstance(model, nn.Module):
             net, spec = model.to(data.device), _spec_of(model)
         else:
-            net, spec = new_model(cfg.teacher, data, data.device, int(cfg.seed))
-        trainee = Trainee("teacher", net, labels_only(cfg, data.device), ckpt_meta(spec, data, dataset_config(cfg)))
-        res = fit(trainee, data, cfg, run_dir=ctx.run_dir, show_progress=ctx.show_progress and cfg.trainer.progress)
-        figures = {"arch": spec, "flops": count_flops(res.model, data.info.input_shape), **res.metrics}
-        _ARCH[res.model] = spec  # passed on as a module (distill(teacher.model, ...)), it keeps its registry name
-        ctx.metrics.update(teacher=figures, dataset=dataset_config(cfg), split_version=SPLIT_VERSION)
-    return Result(res.model, figures, Path(res.best_path), ctx.run_dir, {"teacher": figures})
+            net, spec = new_model(cfg.teacher, data, ctx.device, int(cfg.seed))  # as command.train would
+        figures = command.train(cfg, data, ctx.run_dir, ctx, model=(net, spec))  # trains net in place
+        _ARCH[net] = spec  # passed on as a module (distill(teacher.model, ...)), it keeps its registry name
+        ctx.metrics.update(command.results(cfg, figures))
+    return Result(net, figures, Path(figures["checkpoint"]), ctx.run_dir, {"teacher": figures})
 
 
 # --- distill ---------------------------------------------------------------------------------
@@ -434,7 +432,7 @@ def _loaded_teachers(teachers: list, cfg, data) -> list[tuple] | None:
     checked against the data as `kd distill` checks teacher.ckpt; None for a registry name, which
     the distill method obtains from the config as `kd distill` does."""
     from kdcli.commands.common import dataset_config
-    from kdcli.commands.distill import _check_teacher_data, _load_teacher
+    from kdcli.commands.distill import _check_teacher_data, _load_teacher, freeze_teacher
 
     if _kind(teachers[0]) == "name":
         return None
@@ -443,27 +441,22 @@ def _loaded_teachers(teachers: list, cfg, data) -> list[tuple] | None:
     for t in teachers:
         if isinstance(t, nn.Module):  # used as is: this data's inputs and classes
             ckpt = {"arch": _spec_of(t), "data": {**data.info.to_dict(), "dataset": dcfg}}
-            loaded.append((t.to(data.device).eval(), ckpt, None))
-        elif isinstance(t, Result):
+            loaded.append((freeze_teacher(t.to(data.device)), ckpt, None))
+        elif isinstance(t, Result):  # its module: a checkpoint of an unregistered class cannot be rebuilt
             ckpt = checkpoint.load(t.checkpoint)
             _check_teacher_data(ckpt, Path(t.checkpoint), data, dcfg)
-            loaded.append((t.model.to(data.device).eval(), ckpt, str(Path(t.checkpoint).resolve())))
+            loaded.append((freeze_teacher(t.model.to(data.device)), ckpt, str(Path(t.checkpoint).resolve())))
         else:
             loaded.append(_load_teacher(Path(t).expanduser().resolve(), "teacher", data, dcfg, data.device))
     return loaded
 
 
-def _run_with(student: nn.Module):
+def _module_run(student: nn.Module, cfg, data, ctx):
     """methods.Run with the caller's module as the student, in place of one built from
     cfg.student; the scratch baseline starts from a copy of its initial weights."""
     from kdcli.commands.methods import Run
 
     class ModuleRun(Run):
-        def __init__(self, cfg, data, ctx):
-            super().__init__(cfg, data, ctx)
-            self.student, self.spec = student.to(data.device), _spec_of(student)
-            self.init_state = copy.deepcopy(student.state_dict())
-
         def fresh_student(self, seed_offset: int = 0):
             if seed_offset:  # methods that need other initial weights are not offered here
                 raise KdError("A student given as a module has one set of initial weights.")
@@ -471,7 +464,7 @@ def _run_with(student: nn.Module):
             model.load_state_dict(self.init_state)
             return model, self.spec
 
-    return ModuleRun
+    return ModuleRun(cfg, data, ctx, student=(student.to(data.device), _spec_of(student)))
 
 
 def distill(
@@ -492,11 +485,13 @@ def distill(
 ) -> Result:
     """Distill a teacher into a student, as `kd distill` does (method=standard); returns the student.
 
-    teacher: a checkpoint path, a Result of train_teacher, an nn.Module (frozen and used as is: it
-    must take this data's inputs and predict its classes), a list of checkpoints/Results (an
-    ensemble, or teachers of class subsets; see teacher_merge), or a registry name: then, as with
+    teacher: a checkpoint path, a Result of train_teacher, an nn.Module (used as is: it must take
+    this data's inputs and predict its classes), a list of checkpoints/Results (an ensemble, or
+    teachers of class subsets; see teacher_merge), or a registry name: then, as with
     `kd distill teacher=NAME`, the latest matching `kd train-teacher` run under runs_dir is used, or
     one is trained first (as a train_teacher run of its own, with this call's trainer settings).
+    A module given, or a Result's .model, is frozen in place as `kd distill` freezes its teacher:
+    left in eval mode with requires_grad False (call .requires_grad_(True) to train it again).
     student: a registry name, {"name": "mlp", "hidden": [64]}, or an nn.Module (trained in place).
     loss: a loss name or {"name": "dkd", "nckd": 8}. T, alpha: as in the config. features: ["at"]
     or {"at": {"weight": 1000, "student_layer": "conv2", "teacher_layer": "conv2"}}. baseline:
@@ -509,7 +504,7 @@ def distill(
     your own module records arch "<custom:ClassName>", which `kd` rebuilds only once the class is
     registered."""
     from kdcli.commands import methods
-    from kdcli.commands.common import dataset_config
+    from kdcli.commands.distill import settings
 
     teachers = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
     if not teachers:
@@ -527,10 +522,9 @@ def distill(
     all_overrides = _merge(given, overrides, keys, fixed)
     cfg = _compose("distill", all_overrides)
     with _session("distill", cfg, all_overrides, run_dir, data) as ctx:
-        run = (_run_with(student) if isinstance(student, nn.Module) else methods.Run)(cfg, data, ctx)
+        run = _module_run(student, cfg, data, ctx) if isinstance(student, nn.Module) else methods.Run(cfg, data, ctx)
         results = methods.standard(run, _loaded_teachers(teachers, cfg, data))
-        ctx.metrics.update(results, T=cfg.T, alpha=cfg.alpha, loss=cfg.loss.name, method=cfg.method.name)
-        ctx.metrics["dataset"] = dataset_config(cfg)
+        ctx.metrics.update(results, **settings(cfg))
     metrics = dict(results["student"])
     _ARCH[run.models["student"]] = run.spec
     if "kd_gain" in results:

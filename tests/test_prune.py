@@ -4,6 +4,7 @@ included), and the real `kd distill prune.kind=...` command."""
 
 import json
 import logging
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ import torch.nn as nn
 from conftest import run_kd
 from omegaconf import OmegaConf
 
-from kdcli import checkpoint
+from kdcli import checkpoint, interrupt
+from kdcli import resume as resume_mod
 from kdcli.config import validate
 from kdcli.data import DeviceData, load_splits
 from kdcli.engine import Trainee, fit
@@ -245,6 +247,21 @@ class StopAt(Objective):
         return super().set_epoch(epoch, epochs, hint)
 
 
+class SignalAt(Objective):
+    """Sends this process SIGINT during training step `step` of the run (from 1), as Ctrl-C would:
+    the loop finishes that step, its mask update included, saves a mid-epoch state and stops."""
+
+    def __init__(self, step: int):
+        self.signal_at, self.calls = step, 0  # before Objective.__init__, as in StopAt
+        super().__init__()
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.signal_at:
+            signal.raise_signal(signal.SIGINT)  # caught by interrupt's handler: the step goes on
+        return super().forward(*args, **kwargs)
+
+
 def pruned_fit(data, run_dir: Path, objective=None, resume=False):
     torch.manual_seed(0)
     model = build_model("mlp", data.info.input_shape, data.info.num_classes, ARCH["kwargs"])
@@ -285,6 +302,39 @@ def test_a_resumed_fit_ends_with_the_masks_of_an_uninterrupted_one(tmp_path, dat
     # A loop that had finished hands back its checkpoint's weights, plain, into a pruned model.
     again = pruned_fit(data, tmp_path / "cut", resume=True)
     assert all(torch.equal(again.model.state_dict()[k], a[k]) for k in a) and again.metrics["sparsity"] == 0.75
+
+
+def test_a_fit_stopped_mid_epoch_right_after_a_mask_update_resumes_exactly(tmp_path, data, caplog):
+    whole = pruned_fit(data, tmp_path / "whole")
+    # Step 6 is step 2 of epoch 2's 4, and a mask update: the state saved on the signal holds its masks.
+    with interrupt.handled(), pytest.raises(interrupt.Interrupted):
+        pruned_fit(data, tmp_path / "cut", SignalAt(6))
+    state = resume_mod.load(resume_mod.state_path(tmp_path / "cut" / "checkpoints", ["student"]))
+    assert (state["status"], state["epochs_done"], state["step"]) == ("running", 1, 2)
+    mask = state["trainees"]["student"]["model"]["1.weight_mask"]
+    assert int((mask == 0).sum()) == 18032  # s_6 = 0.75 - 0.25 (1 - 4/8)^3 = 0.71875 of the 25,088 weights
+    with caplog.at_level(logging.INFO, logger="kdcli"):
+        resumed = pruned_fit(data, tmp_path / "cut", resume=True)
+    assert "resuming after epoch 1 + 2 step(s)" in caplog.text
+    for which in ("best", "last"):  # the weights, their zeros (the final masks) included, bit for bit
+        a, b = (checkpoint.load(tmp_path / run / "checkpoints" / f"student_{which}.pt") for run in ("whole", "cut"))
+        assert a["epoch"] == b["epoch"] and sorted(a["state_dict"]) == sorted(b["state_dict"])
+        assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"]), which
+    assert all(torch.equal(v, whole.model.state_dict()[k]) for k, v in resumed.model.state_dict().items())
+    # Epoch 2's row sums the steps before and after the stop: the same losses, accuracies, sparsities.
+    rows = {
+        run: [
+            {k: v for k, v in json.loads(line).items() if k != "epoch_s"}
+            for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        ]
+        for run in ("whole", "cut")
+    }
+    assert rows["cut"] == rows["whole"] and [r["epoch"] for r in rows["cut"]] == [1, 2, 3]
+    figures = {
+        run: {k: v for k, v in res.metrics.items() if k not in ("train_s", "checkpoint")}
+        for run, res in (("whole", whole), ("cut", resumed))
+    }
+    assert figures["cut"] == figures["whole"] and figures["cut"]["sparsity"] == 0.75
 
 
 # ---------------------------------------------------------------- config checks
@@ -385,3 +435,33 @@ def test_bad_prune_settings_exit_1_before_training(kd, args, message):
     assert r.returncode == 1, r.stdout + r.stderr
     assert message in r.stderr + r.stdout
     assert not (kd.dir / "runs" / "train_teacher").exists()  # no teacher was trained first
+
+
+def test_a_student_whose_attention_reads_weights_directly_is_refused():
+    """nn.MultiheadAttention reads out_proj.weight without calling out_proj: a mask would not apply."""
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Linear(784, 32)
+            self.att = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+            self.fc = torch.nn.Linear(32, 10)
+
+        def forward(self, x):
+            h = self.emb(x.flatten(1))[:, None]
+            return self.fc(self.att(h, h, h)[0][:, 0])
+
+    node = OmegaConf.create(
+        {
+            "kind": "unstructured",
+            "initial": 0.5,
+            "final": 0.75,
+            "start_step": 0,
+            "end_step": None,
+            "every": 5,
+            "power": 3.0,
+        }
+    )
+    with pytest.raises(KdError, match=r"layers att.out_proj are used without calling their forward"):
+        plan(node, 100, Attn(), (1, 28, 28))
+    assert plan(node, 100, build_model("convnet", (1, 28, 28), 10), (1, 28, 28))["end_step"] == 75

@@ -45,16 +45,22 @@ def data_identity(dataset_cfg: dict) -> dict:
 def device_data(cfg, ctx) -> DeviceData | StreamData:
     """The run's data, in memory or streamed (dataset.storage); a resumed run keeps the choice
     its first part made (they shuffle and augment differently), which metrics.json records."""
+    data = open_dataset(cfg, ctx.device, (ctx.resume and ctx.previous.get("storage")) or None)
+    ctx.note("storage", "stream" if isinstance(data, StreamData) else "memory")
+    return data
+
+
+def open_dataset(cfg, device: torch.device, storage: str | None = None) -> DeviceData | StreamData:
+    """The data cfg.dataset names on `device`, augmented as cfg says, in memory or streamed
+    (`storage`, default dataset.storage). Needs no run: kdcli.load_data calls it directly."""
     dcfg = dataset_config(cfg)
     splits = load_splits(dcfg, cfg.data_root)
     shift, flip = (dcfg.get("shift", 0), dcfg.get("flip", False)) if augmenting(cfg) else (0, False)
-    storage = (ctx.resume and ctx.previous.get("storage")) or dcfg.get("storage", "auto")
-    data = open_data(splits, ctx.device, shift, flip, storage, dcfg.get("workers"))
-    ctx.note("storage", "stream" if isinstance(data, StreamData) else "memory")
+    data = open_data(splits, device, shift, flip, storage or dcfg.get("storage", "auto"), dcfg.get("workers"))
     if isinstance(data, StreamData):
         where = f"streamed ({data.workers} loader process{'' if data.workers == 1 else 'es'})"
     else:
-        where = f"in memory on {ctx.device}"
+        where = f"in memory on {device}"
     log.info(
         f"data     {dcfg['name']}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
         f"input {data.info.input_shape}, {data.info.num_classes} classes, {where}, "

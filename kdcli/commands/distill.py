@@ -22,7 +22,6 @@ from kdcli.commands.common import (
 )
 from kdcli.config import group_kwargs, model_spec
 from kdcli.data import DeviceData
-from kdcli.data.splits import SPLIT_VERSION
 from kdcli.engine import Teacher, batches
 from kdcli.errors import KdError
 from kdcli.files import write_json, write_text
@@ -113,13 +112,7 @@ def obtain_teacher(cfg, data: DeviceData, ctx: Context) -> tuple:
             figures = train_teacher.train(cfg, data, run_dir, ctx, resume=bool(unfinished))
             write_json(
                 run_dir / "metrics.json",
-                {
-                    "command": "train_teacher",
-                    "status": "completed",
-                    "teacher": figures,
-                    "dataset": dataset_cfg,
-                    "split_version": SPLIT_VERSION,
-                },
+                {"command": "train_teacher", "status": "completed", **train_teacher.results(cfg, figures)},
             )
             path, source = figures["checkpoint"], "trained now"
     asked = model_spec(cfg.teacher) if source == "teacher.ckpt" else None
@@ -133,9 +126,15 @@ def _load_teacher(path, source: str, data: DeviceData, dataset_cfg: dict, device
     if asked is not None:
         _check_teacher_arch(ckpt, Path(path), asked)
     _check_teacher_data(ckpt, Path(path), data, dataset_cfg)
-    model = checkpoint.build_from(ckpt, path).to(device).eval().requires_grad_(False)
+    model = freeze_teacher(checkpoint.build_from(ckpt, path).to(device))
     log.info(f"teacher  {checkpoint.describe(ckpt)} from {path} ({source})")
     return model, ckpt, str(path)
+
+
+def freeze_teacher(model: torch.nn.Module) -> torch.nn.Module:
+    """A pretrained teacher as distillation uses it: eval mode (dropout off, batch-norm statistics
+    fixed), no gradients for its parameters. In place; returns the module."""
+    return model.eval().requires_grad_(False)
 
 
 def obtain_teachers(cfg, data: DeviceData, ctx: Context) -> list[tuple]:
@@ -284,8 +283,19 @@ def run(cfg, ctx: Context) -> dict:
     data = device_data(cfg, ctx)
     results = methods.run(cfg, data, ctx)
     _print_results(results)
-    results.update(T=cfg.T, alpha=cfg.alpha, loss=cfg.loss.name, method=cfg.method.name, dataset=dataset_config(cfg))
+    results.update(settings(cfg))
     return results
+
+
+def settings(cfg) -> dict:
+    """The settings a distill run records in metrics.json beside its results (kd distill and kdcli.api)."""
+    return {
+        "T": cfg.T,
+        "alpha": cfg.alpha,
+        "loss": cfg.loss.name,
+        "method": cfg.method.name,
+        "dataset": dataset_config(cfg),
+    }
 
 
 def _print_results(results: dict) -> None:

@@ -26,6 +26,7 @@ from kdcli.app import Context
 from kdcli.commands.common import ckpt_meta, dataset_config, new_model
 from kdcli.commands.distill import (
     build_objective,
+    freeze_teacher,
     frozen_teachers,
     labels_only,
     obtain_teachers,
@@ -46,13 +47,17 @@ log = logging.getLogger("kdcli")
 class Run:
     """What the methods share: data, seed, the student's initial weights, the results."""
 
-    def __init__(self, cfg, data: DeviceData, ctx: Context):
+    def __init__(self, cfg, data: DeviceData, ctx: Context, student: tuple | None = None):
+        """student: (module, registry spec) of a student built elsewhere (kdcli.api) instead of cfg.student's;
+        fresh_student rebuilds cfg.student, so such a caller overrides it too."""
         self.cfg, self.data, self.ctx = cfg, data, ctx
         self.results: dict = {}
         self.models: dict = {}  # role -> trained model
         self.reference = None  # test logits that agreement is measured against
         self.show = ctx.show_progress and cfg.trainer.progress
-        self.student, self.spec = new_model(cfg.student, data, ctx.device, int(cfg.seed))
+        if student is None:
+            student = new_model(cfg.student, data, ctx.device, int(cfg.seed))
+        self.student, self.spec = student
         self.init_state = copy.deepcopy(self.student.state_dict())
 
     def fresh_student(self, seed_offset: int = 0):
@@ -159,7 +164,7 @@ class Run:
 
 def _frozen(model, data: DeviceData) -> Teacher:
     """A model trained in this run as a frozen teacher: same inputs and classes as the student."""
-    return Teacher(model.eval().requires_grad_(False), torch.arange(data.info.num_classes).to(data.device))
+    return Teacher(freeze_teacher(model), torch.arange(data.info.num_classes).to(data.device))
 
 
 def _label(cfg) -> str:
@@ -197,7 +202,8 @@ def standard(run: Run, loaded: list[tuple] | None = None) -> dict:
     # A schedule that does not fit the run fails before a teacher or the baseline trains.
     pruning = None
     if cfg.prune.kind != "none":
-        pruning = plan(cfg.prune, cfg.trainer.epochs * epoch_steps(data, cfg.trainer), run.student)
+        total = cfg.trainer.epochs * epoch_steps(data, cfg.trainer)
+        pruning = plan(cfg.prune, total, run.student, data.info.input_shape)
     loaded = obtain_teachers(cfg, data, run.ctx) if loaded is None else loaded
     teachers = frozen_teachers(loaded, data)
     objective = build_objective(cfg, data, run.student, teachers[0], teachers)

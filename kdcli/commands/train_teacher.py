@@ -14,13 +14,16 @@ from kdcli.models import count_flops
 from kdcli.report import console, pct, table
 
 
-def train(cfg, data: DeviceData, run_dir: Path, ctx: Context, resume: bool | None = None) -> dict:
-    """Train cfg.teacher on `data`; returns the teacher's figures (also used by distill).
-    resume (default: ctx.resume) continues from the training state in run_dir."""
-    model, spec = new_model(cfg.teacher, data, ctx.device, int(cfg.seed))
+def train(
+    cfg, data: DeviceData, run_dir: Path, ctx: Context, resume: bool | None = None, model: tuple | None = None
+) -> dict:
+    """Train cfg.teacher on `data`; returns the teacher's figures (also used by distill and kdcli.api).
+    resume (default: ctx.resume) continues from the training state in run_dir. model: (module, registry
+    spec) to train in place instead of building cfg.teacher (kdcli.api: a module already built)."""
+    net, spec = model if model is not None else new_model(cfg.teacher, data, ctx.device, int(cfg.seed))
     objective = Objective(label_smoothing=float(cfg.trainer.label_smoothing))
     result = fit(
-        Trainee("teacher", model, objective, ckpt_meta(spec, data, dataset_config(cfg))),
+        Trainee("teacher", net, objective, ckpt_meta(spec, data, dataset_config(cfg))),
         data,
         cfg,
         run_dir=run_dir,
@@ -28,6 +31,12 @@ def train(cfg, data: DeviceData, run_dir: Path, ctx: Context, resume: bool | Non
         resume=ctx.resume if resume is None else resume,
     )
     return {"arch": spec, "flops": count_flops(result.model, data.info.input_shape), **result.metrics}
+
+
+def results(cfg, teacher: dict) -> dict:
+    """What a train-teacher run records in metrics.json beside its status: the teacher's figures and
+    the data split they hold for (distill's search for an earlier teacher reads them)."""
+    return {"teacher": teacher, "dataset": dataset_config(cfg), "split_version": SPLIT_VERSION}
 
 
 def run(cfg, ctx: Context) -> dict:
@@ -48,4 +57,4 @@ def run(cfg, ctx: Context) -> dict:
             ],
         )
     )
-    return {"teacher": teacher, "dataset": dataset_config(cfg), "split_version": SPLIT_VERSION}
+    return results(cfg, teacher)
