@@ -91,7 +91,10 @@ def test_train_teacher_killed_mid_epoch_resumes_to_the_same_weights(kd):
     live = lambda: [d for d in run_dirs(kd.dir, "train_teacher") if d != reference]  # noqa: E731
     wait_for(lambda: epochs_done(live, "teacher")() >= 1, proc)
     state = live()[0] / "checkpoints" / "teacher_resume.pt"
-    wait_for(lambda: resume_mod.load(state).get("step", 0) > 0, proc)  # a mid-epoch state of epoch 2
+    # A mid-epoch state of epoch 2: epochs_done too, since the last state of epoch 1 (step > 0) is still
+    # on disk between epoch 1's metrics line and its end-of-epoch state.
+    mid_epoch_2 = lambda s: s.get("epochs_done") == 1 and s.get("step", 0) > 0  # noqa: E731
+    wait_for(lambda: mid_epoch_2(resume_mod.load(state)), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     (killed,) = live()
