@@ -10,8 +10,9 @@ from kdcli.files import atomic_write
 
 
 @contextlib.contextmanager
-def figure(path: Path, ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6, 4)):
-    """Yields (fig, axes as a flat list); saves the figure to path as PNG on exit."""
+def figure(path: Path, ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6, 4), bottom: float = 0.0):
+    """Yields (fig, axes as a flat list); saves the figure to path as PNG on exit. `bottom`: the
+    share of the height kept free below the axes (for a legend across the figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,7 +21,7 @@ def figure(path: Path, ncols: int = 1, nrows: int = 1, size: tuple[float, float]
     fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
     try:
         yield fig, [ax for row in axes for ax in row]
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, bottom, 1, 1))
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
@@ -73,22 +74,29 @@ def reliability_diagram(path: Path, names: list[str], bins: list[dict], eces: li
 
 
 def tradeoff(path: Path, names: list[str], acc: list[float], costs: dict[str, list[float | None]]) -> None:
-    """Test accuracy against each cost (latency, size...), one panel per cost, models labelled."""
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    """Test accuracy against each cost (latency, size...), one panel per cost; a marker and
+    colour per model, named in the legend (exports of one model sit on top of each other)."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
-    with figure(path, ncols=len(costs), size=(5, 4)) as (_, axes):
+    markers = "osD^v<>ph*X"
+    legend_rows = -(-len(names) // 4)
+    with figure(path, ncols=len(costs), size=(5, 4 + 0.25 * legend_rows), bottom=0.06 * legend_rows + 0.02) as (
+        fig,
+        axes,
+    ):
         for ax, (what, values) in zip(axes, costs.items()):
-            for name, a, v in zip(names, acc, values):
-                if v is None:
-                    continue
-                ax.scatter(v, 100 * a)
-                ax.annotate(name, (v, 100 * a), fontsize=7, xytext=(4, 2), textcoords="offset points")
+            for i, (name, a, v) in enumerate(zip(names, acc, values)):
+                if v is not None:
+                    ax.scatter(v, 100 * a, marker=markers[i % len(markers)], color=f"C{i % 10}", label=name, alpha=0.8)
             ax.set_xscale("log")
-            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
             ax.xaxis.set_minor_formatter(NullFormatter())  # log-scale minor labels crowd the axis
             ax.set_xlabel(what)
             ax.set_ylabel("accuracy (%)")
             ax.grid(alpha=0.3, which="both")
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7, frameon=False)
 
 
 def lines(path: Path, x_label: str, y_label: str, series: dict[str, list[tuple[float, float]]]) -> None:
