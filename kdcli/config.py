@@ -94,6 +94,7 @@ class DistillConfig(TrainTeacherConfig):
     confidence_weights: bool = False  # weight samples by B * softmax(teacher confidence / temperature)
     confidence_temperature: float = 1.0
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    teacher_cache: str = "auto"  # auto: teacher outputs computed once when inputs are not augmented; off
     prune: PruneConfig = field(default_factory=PruneConfig)  # magnitude pruning of the student (kdcli/prune.py)
 
 
@@ -386,6 +387,10 @@ def _validate_distill(cfg: DictConfig) -> None:
     _check(0 <= sch.step_at <= 1, f"schedule.step_at is a fraction of the epochs, in [0, 1] (got {sch.step_at}).")
     _at_least(cfg, "schedule.warmup", 0)
     _at_least(cfg, "confidence_temperature", 0, strict=True)
+    _check(
+        cfg.teacher_cache in ("auto", "off"),
+        f"teacher_cache={cfg.teacher_cache}: choose auto (computed once when the inputs are not augmented) or off.",
+    )
     merges = ("auto", "probs", "logits", "conditional")
     _check(cfg.teacher_merge in merges, f"teacher_merge={cfg.teacher_merge}: choose one of {', '.join(merges)}.")
     if cfg.teacher_weights:

@@ -107,6 +107,13 @@ class Teacher:
     scale: Optional[torch.Tensor] = None  # per channel: x_teacher = x * scale + shift; None: same inputs
     shift: Optional[torch.Tensor] = None
     taps: Optional[Taps] = None
+    cache: Optional[torch.Tensor] = None  # its outputs over the training split, by sample (kdcli/teacher_cache.py)
+
+    def outputs(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Its logits for the training batch x (samples idx): looked up when cached, else computed."""
+        if self.cache is None:
+            return self(x)
+        return self.cache[idx.to(self.cache.device)].to(x.device, non_blocking=True)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x if self.scale is None else x * self.scale + self.shift)
@@ -221,7 +228,7 @@ def fit(
                 t_logits, t_feats = None, []
                 if use_teachers:
                     with torch.no_grad():
-                        t_logits = [teacher(x) for teacher in teachers]
+                        t_logits = [teacher.outputs(x, idx) for teacher in teachers]
                         t_feats = [f for teacher in teachers if teacher.taps for f in teacher.taps.take()]
                 outs = {t.role: _forward(t, x) for t in trainees}
                 total = 0.0

@@ -321,6 +321,10 @@ def _print_results(results: dict) -> None:
             rows,
         )
     )
+    cache = results.get("teacher_cache")
+    if cache and cache["used"]:
+        how = "computed once" if cache["computed"] else "reused"
+        console.print(f"Teacher outputs: {how}, looked up at each step ({cache['path']})", soft_wrap=True)
     if "kd_gain" in results:
         gain = 100 * results["kd_gain"]
         console.print(f"KD gain over the scratch student: [bold]{gain:+.2f}[/bold] points of test accuracy")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from kdcli import teacher_cache
 from kdcli.app import Context
 from kdcli.commands.common import ckpt_meta, dataset_config, new_model
 from kdcli.commands.distill import (
@@ -208,6 +209,7 @@ def standard(run: Run, loaded: list[tuple] | None = None) -> dict:
     teachers = frozen_teachers(loaded, data)
     objective = build_objective(cfg, data, run.student, teachers[0], teachers)
     t_logits = teacher_logits(teachers, objective, data.test, cfg.trainer.eval_batch_size)
+    run.results["teacher_cache"] = teacher_cache.attach(cfg, data, teachers, [p for _, _, p in loaded], objective)
     extra = {}
     if len(loaded) == 1:
         model, ckpt, path = loaded[0]

@@ -1,0 +1,107 @@
+"""The teacher-output cache: used only for inputs that do not change between epochs, keyed by
+everything the outputs depend on, equal to running the teacher, shared by the runs of a sweep."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from kdcli import checkpoint
+from kdcli.data import DeviceData, load_splits
+from kdcli.engine import Teacher
+from kdcli.models import build_model
+from kdcli.teacher_cache import fingerprint, why_not
+
+DATA = {"name": "mnist5k", "val_size": 200, "split_seed": 0, "classes": None, "limit": 400}
+
+
+def _teacher_file(tmp_path: Path, seed: int, name: str = "t.pt") -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(seed)
+    model = build_model("convnet", (1, 28, 28), 10).eval()
+    data = {"input_shape": [1, 28, 28], "num_classes": 10, "class_names": [str(i) for i in range(10)]}
+    path = tmp_path / name
+    checkpoint.save(path, model, arch={"name": "convnet", "kwargs": {}}, data=data, role="teacher")
+    return path, model
+
+
+def test_the_fingerprint_follows_teacher_bytes_data_and_preprocessing(tmp_path):
+    data = DeviceData(load_splits(DATA, "unused"), torch.device("cpu"))
+    a, _ = _teacher_file(tmp_path, 0, "a.pt")
+    b, _ = _teacher_file(tmp_path, 1, "b.pt")
+    same, _ = _teacher_file(tmp_path, 0, "a_copy.pt")
+    key = fingerprint([str(a)], data, DATA)
+    assert fingerprint([str(same)], data, DATA) == key  # the bytes count, not the path
+    assert fingerprint([str(b)], data, DATA) != key  # another teacher
+    assert fingerprint([str(a)], data, {**DATA, "shift": 0, "flip": True}) == key  # augmentation keys: not the images
+    smaller = DeviceData(load_splits({**DATA, "limit": 300}, "unused"), torch.device("cpu"))
+    assert fingerprint([str(a)], smaller, {**DATA, "limit": 300}) != key  # other images
+    data.info.mean = [0.5]  # other preprocessing
+    assert fingerprint([str(a)], data, DATA) != key
+
+
+def test_the_cache_serves_only_inputs_that_repeat_each_epoch():
+    def cfg(augment="none", shift=2, flip=False, cache="auto"):
+        return OmegaConf.create({"augment": augment, "dataset": {"shift": shift, "flip": flip}, "teacher_cache": cache})
+
+    plain = type("Objective", (), {"features": {}})()
+    with_features = type("Objective", (), {"features": {"fitnet": object()}})()
+    assert why_not(cfg(), None, plain) is None
+    assert why_not(cfg("standard", shift=0), None, plain) is None  # nothing random to apply
+    assert "random augmentation" in why_not(cfg("standard"), None, plain)
+    assert "random augmentation" in why_not(cfg("standard", shift=0, flip=True), None, plain)
+    assert "feature terms" in why_not(cfg(), None, with_features)
+    assert why_not(cfg(cache="off"), None, plain) == "teacher_cache=off"
+
+
+def test_looked_up_outputs_equal_the_teachers_own(tmp_path):
+    _, model = _teacher_file(tmp_path, 0)
+    x = torch.randn(50, 1, 28, 28)
+    with torch.no_grad():
+        full = model(x)
+    teacher = Teacher(model, torch.arange(10), cache=full)
+    idx = torch.tensor([7, 3, 49, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.outputs(x[idx], idx), model(x[idx]), atol=1e-5, rtol=1e-5)
+        assert torch.equal(Teacher(model, torch.arange(10)).outputs(x[idx], idx), model(x[idx]))  # no cache: runs
+
+
+@pytest.mark.slow
+def test_a_sweep_computes_the_teacher_outputs_once_and_trains_as_without_them(kd):
+    r = kd("train-teacher", "dataset.limit=600", "trainer.epochs=2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    teacher = next((kd.dir / "runs" / "train_teacher").glob("*/checkpoints/teacher_best.pt"))
+    common = ["dataset.limit=600", "trainer.epochs=2", "augment=none", "baseline=false", f"teacher.ckpt={teacher}"]
+    r = kd("distill", "-m", "T=1,4", *common)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sweep = next((kd.dir / "runs" / "distill-multirun").iterdir())
+    caches = [json.loads((sweep / j / "metrics.json").read_text())["teacher_cache"] for j in ("0", "1")]
+    assert caches[0]["used"] and caches[0]["computed"] and caches[1]["used"] and not caches[1]["computed"]
+    assert caches[0]["path"] == caches[1]["path"]
+    assert len(list((kd.dir / "runs" / "cache" / "teacher_outputs").iterdir())) == 1  # once for the sweep
+    assert "computed once" in r.stdout and "reused" in r.stdout
+
+    r = kd("distill", "T=4", "teacher_cache=off", *common)
+    assert r.returncode == 0, r.stdout + r.stderr
+    off = max((kd.dir / "runs" / "distill").iterdir())
+    assert json.loads((off / "metrics.json").read_text())["teacher_cache"] == {
+        "used": False,
+        "reason": "teacher_cache=off",
+    }
+
+    def rows(run: Path) -> list[dict]:
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    # the same training: cached outputs differ from per-batch ones only by float rounding
+    for cached, fresh in zip(rows(sweep / "1"), rows(off)):
+        assert cached["val_acc"] == pytest.approx(fresh["val_acc"], abs=0.005)
+        assert cached["train_loss"] == pytest.approx(fresh["train_loss"], rel=1e-3)
+
+    # a changed teacher file is another key: computed again, the old file is left as it was
+    r = kd("train-teacher", "dataset.limit=600", "trainer.epochs=1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    newer = max((kd.dir / "runs" / "train_teacher").iterdir()) / "checkpoints" / "teacher_best.pt"
+    r = kd("distill", "T=4", *common[:-1], f"teacher.ckpt={newer}")
+    assert r.returncode == 0 and "computed once" in r.stdout
+    assert len(list((kd.dir / "runs" / "cache" / "teacher_outputs").iterdir())) == 2
