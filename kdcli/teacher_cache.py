@@ -32,10 +32,12 @@ log = logging.getLogger("kdcli")
 FORMAT = "kdcli-teacher-outputs"
 
 
-def why_not(cfg, data, objective) -> str | None:
+def why_not(cfg, objective, teacher_paths: list) -> str | None:
     """Why the cache cannot serve this run, or None if it can."""
     if cfg.teacher_cache == "off":
         return "teacher_cache=off"
+    if not all(p and Path(p).is_file() for p in teacher_paths):
+        return "a teacher given as a module (kdcli.distill) has no checkpoint file to key the outputs by"
     if augmenting(cfg) and (cfg.dataset.get("shift", 0) or cfg.dataset.get("flip", False)):
         return "random augmentation (augment=standard with dataset.shift/flip): the teachers see each augmented batch"
     if objective.features:
@@ -90,7 +92,7 @@ def _compute(teachers: list[Teacher], data, batch_size: int) -> list[torch.Tenso
 def attach(cfg, data, teachers: list[Teacher], teacher_paths: list[str], objective) -> dict:
     """Give each teacher its outputs over the training split (teacher.cache) when the run allows
     it; returns what happened, for metrics.json and the summary."""
-    reason = why_not(cfg, data, objective)
+    reason = why_not(cfg, objective, teacher_paths)
     if reason:
         log.info(f"teacher  outputs computed at every step: {reason}")
         return {"used": False, "reason": reason}

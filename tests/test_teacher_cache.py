@@ -41,18 +41,20 @@ def test_the_fingerprint_follows_teacher_bytes_data_and_preprocessing(tmp_path):
     assert fingerprint([str(a)], data, DATA) != key
 
 
-def test_the_cache_serves_only_inputs_that_repeat_each_epoch():
+def test_the_cache_serves_only_inputs_that_repeat_each_epoch(tmp_path):
     def cfg(augment="none", shift=2, flip=False, cache="auto"):
         return OmegaConf.create({"augment": augment, "dataset": {"shift": shift, "flip": flip}, "teacher_cache": cache})
 
+    files = [str(_teacher_file(tmp_path, 0)[0])]
     plain = type("Objective", (), {"features": {}})()
     with_features = type("Objective", (), {"features": {"fitnet": object()}})()
-    assert why_not(cfg(), None, plain) is None
-    assert why_not(cfg("standard", shift=0), None, plain) is None  # nothing random to apply
-    assert "random augmentation" in why_not(cfg("standard"), None, plain)
-    assert "random augmentation" in why_not(cfg("standard", shift=0, flip=True), None, plain)
-    assert "feature terms" in why_not(cfg(), None, with_features)
-    assert why_not(cfg(cache="off"), None, plain) == "teacher_cache=off"
+    assert why_not(cfg(), plain, files) is None
+    assert why_not(cfg("standard", shift=0), plain, files) is None  # nothing random to apply
+    assert "random augmentation" in why_not(cfg("standard"), plain, files)
+    assert "random augmentation" in why_not(cfg("standard", shift=0, flip=True), plain, files)
+    assert "feature terms" in why_not(cfg(), with_features, files)
+    assert why_not(cfg(cache="off"), plain, files) == "teacher_cache=off"
+    assert "no checkpoint file" in why_not(cfg(), plain, [None])  # a module teacher from the Python API
 
 
 def test_looked_up_outputs_equal_the_teachers_own(tmp_path):
