@@ -199,3 +199,19 @@ def test_parallel_sweep_with_the_joblib_launcher(kd):
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert [(row["T"], row["status"]) for row in rows] == [("1", "completed"), ("4", "completed")]
     assert "Joblib.Parallel(n_jobs=2" in r.stdout + r.stderr  # the joblib launcher, not the basic one
+
+
+def test_sweep_through_the_submitit_launcher(kd):
+    """The cluster path (hydra/launcher=slurm in configs/hydra/launcher) runs through submitit; its
+    local executor runs the same launcher code without a cluster."""
+    r = kd("train-teacher", "debug=smoke")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = kd("distill", "-m", "T=1,4", "debug=smoke", "baseline=false", "augment=none", "hydra/launcher=submitit_local")
+    assert r.returncode == 0, r.stdout + r.stderr
+    sweep = next((kd.dir / "runs" / "distill-multirun").iterdir())
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [(row["T"], row["status"]) for row in rows] == [("1", "completed"), ("4", "completed")]
+    assert (sweep / ".submitit").is_dir()  # submitit's own job folders: it ran the jobs
+    assert len(list((kd.dir / "runs" / "cache" / "teacher_outputs").iterdir())) == 1  # the teacher once
+    r = kd("distill", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra")
+    assert r.returncode == 0 and "SlurmLauncher" in r.stdout and "partition: gpu" in r.stdout

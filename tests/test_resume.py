@@ -94,7 +94,7 @@ def test_train_teacher_killed_mid_epoch_resumes_to_the_same_weights(kd):
     # A mid-epoch state of epoch 2: epochs_done too, since the last state of epoch 1 (step > 0) is still
     # on disk between epoch 1's metrics line and its end-of-epoch state.
     mid_epoch_2 = lambda s: s.get("epochs_done") == 1 and s.get("step", 0) > 0  # noqa: E731
-    wait_for(lambda: mid_epoch_2(resume_mod.load(state)), proc)
+    wait_for(lambda: state.is_file() and mid_epoch_2(resume_mod.load(state)), proc)  # none yet if epoch 1 was quick
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     (killed,) = live()
