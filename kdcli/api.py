@@ -26,12 +26,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import socket
-import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Union
 
@@ -39,7 +37,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from kdcli import checkpoint
-from kdcli.app import Context, seed_everything
+from kdcli.app import Context, finisher, run_record, seed_everything
 from kdcli.config import resolve_device, validate
 from kdcli.errors import KdError
 from kdcli.files import write_json, write_text
@@ -283,27 +281,13 @@ def _run_dir(cfg, command: str, run_dir) -> Path:
 def _session(command: str, cfg, overrides: list[str], run_dir, data) -> Iterator[Context]:
     """What `kd` does around a command: a run directory with config.yaml and a metrics.json
     whose status says how the run ended; seeding. The caller adds its results to ctx.metrics."""
-    from kdcli.data.stream import StreamData
+    from kdcli.commands.common import storage_of
 
     run_dir = _run_dir(cfg, command, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = {
-        "command": command,
-        "api": True,
-        "status": "running",
-        "overrides": overrides,
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "storage": "stream" if isinstance(data, StreamData) else "memory",
-    }
+    metrics = {**run_record(command, overrides, api=True), "storage": storage_of(data)}
     ctx = Context(run_dir, data.device, multirun=False, metrics=metrics)
-    t0 = time.perf_counter()
-
-    def finish(status: str, **extra) -> None:
-        metrics.update(extra, status=status, elapsed_s=round(time.perf_counter() - t0, 3))
-        write_json(run_dir / "metrics.json", metrics)
-
+    finish = finisher(run_dir, metrics)
     write_json(run_dir / "metrics.json", metrics)
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
@@ -431,7 +415,7 @@ def _loaded_teachers(teachers: list, cfg, data) -> list[tuple] | None:
     """(model, checkpoint dict, path) of each teacher given as a module, Result or checkpoint,
     checked against the data as `kd distill` checks teacher.ckpt; None for a registry name, which
     the distill method obtains from the config as `kd distill` does."""
-    from kdcli.commands.common import dataset_config
+    from kdcli.commands.common import ckpt_meta, dataset_config
     from kdcli.commands.distill import _check_teacher_data, _load_teacher, freeze_teacher
 
     if _kind(teachers[0]) == "name":
@@ -440,7 +424,7 @@ def _loaded_teachers(teachers: list, cfg, data) -> list[tuple] | None:
     loaded = []
     for t in teachers:
         if isinstance(t, nn.Module):  # used as is: this data's inputs and classes
-            ckpt = {"arch": _spec_of(t), "data": {**data.info.to_dict(), "dataset": dcfg}}
+            ckpt = ckpt_meta(_spec_of(t), data, dcfg)
             loaded.append((freeze_teacher(t.to(data.device)), ckpt, None))
         elif isinstance(t, Result):  # its module: a checkpoint of an unregistered class cannot be rebuilt
             ckpt = checkpoint.load(t.checkpoint)

@@ -143,29 +143,44 @@ def _stop_hint(command: str, run_dir: Path, multirun: bool) -> str:
     return f"To continue: kd {name} resume={run_dir}"
 
 
-def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: DictConfig) -> dict:
-    hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
-    multirun = hc.mode == RunMode.MULTIRUN
-    logging.raiseExceptions = False  # a full disk must not turn every log line into a traceback
-    previous = resume.read_metrics(run_dir)
-    metrics: dict = {
+def run_record(command: str, overrides: list[str], **extra) -> dict:
+    """The metrics.json of a run as it starts (kd commands and kdcli.api alike); pid and host
+    tell whether it still runs (resume.alive)."""
+    return {
         "command": command,
+        **extra,
         "status": "running",
-        "overrides": list(hc.overrides.task),
+        "overrides": overrides,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "pid": os.getpid(),
         "host": socket.gethostname(),
     }
+
+
+def finisher(run_dir: Path, metrics: dict) -> Callable[..., dict]:
+    """finish(status, **figures): the run's outcome and time into metrics.json. A failed write
+    (a full disk) is a warning: it must not replace the run's own outcome or error."""
     t0 = time.perf_counter()
 
     def finish(status: str, **extra) -> dict:
         metrics.update(extra, status=status, elapsed_s=round(time.perf_counter() - t0, 3))
         try:
             write_json(run_dir / "metrics.json", metrics)
-        except (KdError, OSError) as e:  # e.g. the disk is full: say so, keep the run's own outcome
+        except (KdError, OSError) as e:
             log.warning(f"warning  could not write {run_dir / 'metrics.json'}: {e}")
         return metrics
+
+    return finish
+
+
+def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: DictConfig) -> dict:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    logging.raiseExceptions = False  # a full disk must not turn every log line into a traceback
+    previous = resume.read_metrics(run_dir)
+    metrics = run_record(command, list(hc.overrides.task))
+    finish = finisher(run_dir, metrics)
 
     with interrupt.handled():
         try:

@@ -62,9 +62,11 @@ def load(path: str | Path, kind: str = FORMAT) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load fails in many ways on a bad file; sort them into two
         text = str(e)
-        code = re.search(r"GLOBAL ([\w.]+)", text) if zipfile.is_zipfile(path) else None
-        name = code.group(1) if code else _pickled_global(path)
-        if isinstance(e, pickle.UnpicklingError) and name:
+        name = None
+        if isinstance(e, pickle.UnpicklingError):  # what the pickle would import: from torch's message, or its opcodes
+            code = re.search(r"GLOBAL ([\w.]+)", text) if zipfile.is_zipfile(path) else None
+            name = code.group(1) if code else _pickled_global(path)
+        if name:
             raise KdError(
                 f"Refusing to load {path}: it holds pickled Python objects (it would import {name}), not only "
                 "tensors and containers, and loading it could run code. kdcli only reads checkpoints it wrote, "

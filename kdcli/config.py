@@ -347,8 +347,9 @@ def validate(cfg: DictConfig, command: str) -> None:
         )
         _at_least(cfg, "calibration", 1)
         _at_least(cfg, "limit", 1, nullable=True)
-        _at_least(cfg, "opset", 18)
+    if command in ("export", "quantize"):
         _check(not (cfg.checkpoint and cfg.run), "Give checkpoint=PATH or run=DIR (its student), not both.")
+        _at_least(cfg, "opset", 18)
     if command in ("evaluate", "quantize"):
         _at_least(cfg, "latency.batch_size", 1)
         _at_least(cfg, "latency.warmup", 0)
@@ -362,8 +363,6 @@ def validate(cfg: DictConfig, command: str) -> None:
             not bad and len(cfg.formats) > 0,
             f"formats={list(cfg.formats)}: choose from {', '.join(EXPORTERS)} (e.g. formats=[onnx,safetensors]).",
         )
-        _check(not (cfg.checkpoint and cfg.run), "Give checkpoint=PATH or run=DIR (its student), not both.")
-        _at_least(cfg, "opset", 18)
         _at_least(cfg, "check_batches", 1)
         _at_least(cfg, "batch_size", 1)
         _at_least(cfg, "atol", 0)

@@ -18,7 +18,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from kdcli import checkpoint, interrupt
 from kdcli import resume as resume_mod
@@ -29,6 +28,7 @@ from kdcli.errors import KdError
 from kdcli.files import append_jsonl
 from kdcli.losses.objective import Objective
 from kdcli.losses.taps import Taps
+from kdcli.metrics import scores
 from kdcli.models import count_params
 from kdcli.optim import build_optimizer, build_scheduler
 from kdcli.prune import Pruner, sparsity
@@ -52,13 +52,6 @@ def predict(model: nn.Module, source, batch_size: int) -> torch.Tensor:
     out = torch.cat([model(x).float() for x in batches(source, batch_size)])
     model.train(was_training)
     return out
-
-
-def scores(logits: torch.Tensor, y: torch.Tensor) -> dict:
-    return {
-        "acc": (logits.argmax(1) == y).float().mean().item(),
-        "nll": F.cross_entropy(logits, y).item(),
-    }
 
 
 def evaluate(model: nn.Module, split: DeviceSplit | StreamSplit, batch_size: int) -> dict:

@@ -151,14 +151,14 @@ class ModelFile:
     device: torch.device
     module: Optional[nn.Module] = None  # the PyTorch module, when the format gives one
     threads: Optional[int] = None  # intra-op threads of the runtime
-    weights: Optional[Callable[[], dict]] = None  # named float weights, for formats that hide the module
+    # For formats that hide the module: its float weights by parameter name (int8 files have none)
+    weights: Optional[Callable[[], dict]] = None
 
-    def state_dict(self) -> dict | None:
-        """The float weights by parameter name, when the file holds them under those names
-        (int8 files do not); None otherwise."""
-        if self.module is not None:
-            return self.module.state_dict()
-        return self.weights() if self.weights else None
+    def logits(self, source, batch_size: int) -> torch.Tensor:
+        """Logits on the CPU for every input of `source` (a tensor or a split), batch by batch."""
+        from kdcli.engine import batches
+
+        return torch.cat([self.run(x).float().cpu() for x in batches(source, batch_size)])
 
     @property
     def label(self) -> str:
@@ -186,9 +186,10 @@ def detect(path: Path) -> str:
     return "checkpoint"
 
 
-def open_model(path: str | Path, device: torch.device | None = None, threads: int | None = None) -> ModelFile:
+def open_model(path: str | Path, device: torch.device | None = None) -> ModelFile:
     """Any model file kdcli writes; a file that is none of them, or has no card, is a KdError.
-    Checkpoints run on `device` (default CPU); exported formats on the CPU, with `threads`."""
+    Checkpoints run on `device` (default CPU); exported formats on the CPU, with PyTorch's
+    thread count."""
     path = Path(path).expanduser()
     device = device or torch.device("cpu")
     if not path.is_file():
@@ -196,11 +197,10 @@ def open_model(path: str | Path, device: torch.device | None = None, threads: in
             f"Model file not found: {path}. Check the path (relative paths start from the current directory)."
         )
     fmt = detect(path)
-    threads = threads or torch.get_num_threads()
+    threads = torch.get_num_threads()
     if fmt == "checkpoint":
         ck = checkpoint.load(path)
-        model = checkpoint.build_from(ck, path).to(device).eval()
-        return ModelFile(path, fmt, card_of(ck, path), _torch_runner(model, device), device, model, threads)
+        return module_file(path, "checkpoint", card_of(ck, path), checkpoint.build_from(ck, path), device)
     try:
         return OPENERS[fmt](path, threads)
     except KdError:
@@ -210,6 +210,12 @@ def open_model(path: str | Path, device: torch.device | None = None, threads: in
             f"Cannot read {path} as {fmt}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}. "
             f"Re-export it with `kd export`, or point to another file."
         ) from None
+
+
+def module_file(path: Path, fmt: str, card: dict, model: nn.Module, device: torch.device) -> ModelFile:
+    """A PyTorch module (a checkpoint's, or rebuilt for safetensors weights) as a ModelFile."""
+    model = model.to(device).eval()
+    return ModelFile(path, fmt, card, _torch_runner(model, device), device, model, torch.get_num_threads())
 
 
 def _torch_runner(module: nn.Module, device: torch.device) -> Callable:
@@ -233,24 +239,26 @@ def _card(text: str | bytes | None, path: Path) -> dict:
     return card
 
 
-def _open_torchscript(path: Path, threads: int) -> ModelFile:
+def _open_program(path: Path, threads: int, fmt: str, load: Callable[[str, dict], nn.Module]) -> ModelFile:
+    """A TorchScript or torch.export file: its module and the card in its extra files."""
     extra = {f"{CARD}.json": ""}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
+        module = load(str(path), extra)
     cpu = torch.device("cpu")
     card = _card(extra[f"{CARD}.json"], path)
-    return ModelFile(path, "torchscript", card, _torch_runner(module, cpu), cpu, None, threads, module.state_dict)
+    return ModelFile(path, fmt, card, _torch_runner(module, cpu), cpu, None, threads, module.state_dict)
+
+
+def _open_torchscript(path: Path, threads: int) -> ModelFile:
+    load = lambda p, extra: torch.jit.load(p, map_location="cpu", _extra_files=extra).eval()  # noqa: E731
+    return _open_program(path, threads, "torchscript", load)
 
 
 def _open_torch_export(path: Path, threads: int) -> ModelFile:
-    extra = {f"{CARD}.json": ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = torch.export.load(str(path), extra_files=extra).module()
-    cpu = torch.device("cpu")
-    card = _card(extra[f"{CARD}.json"], path)
-    return ModelFile(path, "torch_export", card, _torch_runner(module, cpu), cpu, None, threads, module.state_dict)
+    return _open_program(
+        path, threads, "torch_export", lambda p, extra: torch.export.load(p, extra_files=extra).module()
+    )
 
 
 def _open_onnx(path: Path, threads: int) -> ModelFile:
@@ -285,9 +293,8 @@ def _open_safetensors(path: Path, threads: int) -> ModelFile:
     with safe_open(str(path), framework="pt") as f:
         card = _card((f.metadata() or {}).get(CARD), path)
         state = {k: f.get_tensor(k) for k in f.keys()}
-    model = checkpoint.build_from({"arch": card["arch"], "data": card["data"], "state_dict": state}, path).eval()
-    cpu = torch.device("cpu")
-    return ModelFile(path, "safetensors", card, _torch_runner(model, cpu), cpu, model, threads)
+    model = checkpoint.build_from({"arch": card["arch"], "data": card["data"], "state_dict": state}, path)
+    return module_file(path, "safetensors", card, model, torch.device("cpu"))
 
 
 OPENERS = {

@@ -9,6 +9,14 @@ import torch.nn.functional as F
 ECE_BINS = 15  # Guo et al. 2017, "On Calibration of Modern Neural Networks", use 15 equal-width bins
 
 
+def scores(logits: torch.Tensor, y: torch.Tensor) -> dict:
+    """Top-1 accuracy and mean negative log-likelihood."""
+    return {
+        "acc": (logits.argmax(1) == y).float().mean().item(),
+        "nll": F.cross_entropy(logits, y).item(),
+    }
+
+
 def top_k(logits: torch.Tensor, y: torch.Tensor, k: int) -> float | None:
     """Share of rows whose label is among the k highest logits; None with fewer than k classes."""
     if logits.shape[1] < k:
@@ -68,10 +76,11 @@ def classification(logits: torch.Tensor, y: torch.Tensor, reference: torch.Tenso
     num_classes = logits.shape[1]
     matrix = confusion(logits, y, num_classes)
     calib = reliability(logits, y)
+    s = scores(logits, y)
     out = {
-        "acc": (logits.argmax(1) == y).float().mean().item(),
+        "acc": s["acc"],
         "top5": top_k(logits, y, 5),
-        "nll": F.cross_entropy(logits, y).item(),
+        "nll": s["nll"],
         "ece": calib.pop("ece"),
         "per_class_acc": per_class_accuracy(matrix),
         "confusion": matrix.tolist(),

@@ -143,17 +143,6 @@ class Pruner:
         for _, module in self.layers:  # masks of ones: the state dict has weight_orig/weight_mask from the start
             prune.identity(module, "weight")
 
-    def settings(self) -> dict:
-        return {
-            "kind": self.kind,
-            "initial": self.initial,
-            "final": self.final,
-            "start_step": self.start,
-            "end_step": self.end,
-            "every": self.every,
-            "power": self.power,
-        }
-
     def is_update(self, step: int) -> bool:
         return self.start <= step <= self.end and ((step - self.start) % self.every == 0 or step == self.end)
 

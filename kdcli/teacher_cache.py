@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from kdcli import checkpoint
-from kdcli.commands.common import data_identity, dataset_config
-from kdcli.config import augmenting
+from kdcli.commands.common import augmentation, data_identity, dataset_config
 from kdcli.data.splits import SPLIT_VERSION
 from kdcli.engine import Teacher, batches
 from kdcli.errors import KdError
@@ -38,7 +37,7 @@ def why_not(cfg, objective, teacher_paths: list) -> str | None:
         return "teacher_cache=off"
     if not all(p and Path(p).is_file() for p in teacher_paths):
         return "a teacher given as a module (kdcli.distill) has no checkpoint file to key the outputs by"
-    if augmenting(cfg) and (cfg.dataset.get("shift", 0) or cfg.dataset.get("flip", False)):
+    if any(augmentation(cfg)):
         return "random augmentation (augment=standard with dataset.shift/flip): the teachers see each augmented batch"
     if objective.features:
         return "feature terms read the teachers' intermediate layers at each step"
@@ -71,13 +70,11 @@ def fingerprint(teacher_paths: list[str], data, dataset_cfg: dict) -> str:
 def _read(path: Path, teachers: list[Teacher], n: int) -> list[torch.Tensor] | None:
     """The stored outputs, or None when the file is unreadable or does not fit (it is rewritten)."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        outs = saved["outputs"]
-        if saved.get("format") == FORMAT and len(outs) == len(teachers) and all(len(o) == n for o in outs):
-            return outs
-    except Exception as e:  # a truncated or foreign file: computed again, never trusted
-        log.warning(f"warning  the teacher outputs in {path} cannot be read ({type(e).__name__}); computing them again")
-    return None
+        outs = checkpoint.load(path, kind=FORMAT)["outputs"]
+    except KdError as e:  # a truncated or foreign file: computed again, never trusted
+        log.warning(f"warning  computing the teacher outputs again: {e}")
+        return None
+    return outs if len(outs) == len(teachers) and all(len(o) == n for o in outs) else None
 
 
 @torch.no_grad()

@@ -75,9 +75,9 @@ def kd_loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ALPHA * F.cross_entropy(s, y) + (1 - ALPHA) * T * T * kl
 
 
-def plain_loop(teacher_path: Path, student_name: str, dataset: dict, data_root: str, epochs: int, seed: int) -> dict:
-    ck = checkpoint.load(teacher_path)
-    teacher = checkpoint.build_from(ck, teacher_path).eval()
+def plain_loop(
+    teacher: torch.nn.Module, student_name: str, dataset: dict, data_root: str, epochs: int, seed: int
+) -> dict:
     splits = load_splits(dataset, data_root)
     info = splits.info
     torch.manual_seed(seed)
@@ -106,10 +106,9 @@ def plain_loop(teacher_path: Path, student_name: str, dataset: dict, data_root: 
     return {"epoch_s": statistics.median(times), "train": len(train), "test_acc": right / len(test)}
 
 
-def step_flops(teacher_path: Path, student_name: str, input_shape, num_classes: int, teacher_runs: bool) -> int:
+def step_flops(teacher: torch.nn.Module, student_name: str, input_shape, num_classes: int, teacher_runs: bool) -> int:
     """FLOPs of one training step: the student's forward and backward, and the teacher's forward
     when it runs (kd distill looks cached teacher outputs up instead)."""
-    teacher = checkpoint.build_from(checkpoint.load(teacher_path), teacher_path).eval()
     student = build_model(student_name, input_shape, num_classes)
     x, y = torch.randn(BATCH, *input_shape), torch.randint(0, num_classes, (BATCH,))
     with torch.no_grad():
@@ -180,16 +179,15 @@ def main() -> None:
             "device=cpu",
         )
         teacher = newest(runs / "train_teacher") / "checkpoints" / "teacher_best.pt"
-        dataset = checkpoint.load(teacher)["data"]["dataset"]
-        info = checkpoint.load(teacher)["data"]
+        ck = checkpoint.load(teacher)
+        info, dataset = ck["data"], ck["data"]["dataset"]
+        model = checkpoint.build_from(ck, teacher).eval()
         shape, classes = info["input_shape"], info["num_classes"]
-        flops = {
-            runs_teacher: step_flops(teacher, args.student, shape, classes, runs_teacher) for runs_teacher in (0, 1)
-        }
+        flops = {runs_teacher: step_flops(model, args.student, shape, classes, runs_teacher) for runs_teacher in (0, 1)}
         ours, plain = [], []
         for seed in seeds:
             ours.append(kd_distill(env, runs, teacher, args, seed))
-            plain.append(plain_loop(teacher, args.student, dataset, data_root, args.epochs, seed))
+            plain.append(plain_loop(model, args.student, dataset, data_root, args.epochs, seed))
     n = plain[0]["train"]
     steps = -(-n // BATCH)
     print(

@@ -46,8 +46,17 @@ def device_data(cfg, ctx) -> DeviceData | StreamData:
     """The run's data, in memory or streamed (dataset.storage); a resumed run keeps the choice
     its first part made (they shuffle and augment differently), which metrics.json records."""
     data = open_dataset(cfg, ctx.device, (ctx.resume and ctx.previous.get("storage")) or None)
-    ctx.note("storage", "stream" if isinstance(data, StreamData) else "memory")
+    ctx.note("storage", storage_of(data))
     return data
+
+
+def storage_of(data) -> str:
+    return "stream" if isinstance(data, StreamData) else "memory"
+
+
+def augmentation(cfg) -> tuple[int, bool]:
+    """The random shift and flip the training batches get (0, False: the same images every epoch)."""
+    return (cfg.dataset.get("shift", 0), cfg.dataset.get("flip", False)) if augmenting(cfg) else (0, False)
 
 
 def open_dataset(cfg, device: torch.device, storage: str | None = None) -> DeviceData | StreamData:
@@ -55,7 +64,7 @@ def open_dataset(cfg, device: torch.device, storage: str | None = None) -> Devic
     (`storage`, default dataset.storage). Needs no run: kdcli.load_data calls it directly."""
     dcfg = dataset_config(cfg)
     splits = load_splits(dcfg, cfg.data_root)
-    shift, flip = (dcfg.get("shift", 0), dcfg.get("flip", False)) if augmenting(cfg) else (0, False)
+    shift, flip = augmentation(cfg)
     data = open_data(splits, device, shift, flip, storage or dcfg.get("storage", "auto"), dcfg.get("workers"))
     if isinstance(data, StreamData):
         where = f"streamed ({data.workers} loader process{'' if data.workers == 1 else 'es'})"

@@ -13,7 +13,6 @@ import torch
 from kdcli import formats, latency, plots
 from kdcli.app import Context
 from kdcli.commands.common import checkpoint_data, data_identity, latest_run
-from kdcli.engine import batches
 from kdcli.errors import KdError
 from kdcli.files import write_json
 from kdcli.metrics import classification
@@ -85,10 +84,6 @@ def _same_data(cards: list[tuple[Path, dict]]) -> dict:
     return first["data"]
 
 
-def logits_of(model: formats.ModelFile, split, batch_size: int) -> torch.Tensor:
-    return torch.cat([model.run(x).float().cpu() for x in batches(split, batch_size)])
-
-
 def _sparsity(model: formats.ModelFile, arch: torch.nn.Module | None) -> float | None:
     """Zero weights of the prunable layers, read from the file's own weights (None for files
     that do not hold them by name, such as int8 ONNX files)."""
@@ -96,27 +91,25 @@ def _sparsity(model: formats.ModelFile, arch: torch.nn.Module | None) -> float |
 
     if model.module is not None:
         return sparsity(model.module)
-    state = model.state_dict() if arch is not None else None
-    own = arch.state_dict() if arch is not None else {}
-    needed = {f"{name}.weight" for name, _ in prunable(arch)} if arch is not None else set()
-    if not state or not needed or not all(k in state and state[k].shape == own[k].shape for k in needed):
+    if arch is None or model.weights is None:
+        return None
+    state, own = model.weights(), arch.state_dict()
+    needed = {f"{name}.weight" for name, _ in prunable(arch)}
+    if not needed or not all(k in state and state[k].shape == own[k].shape for k in needed):
         return None
     arch.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
     return sparsity(arch)
 
 
-def costs_of(model: formats.ModelFile, x_large: torch.Tensor, cfg) -> dict:
-    """Parameters, sparsity, size on disk, forward FLOPs per image, latency and throughput."""
+def costs_of(model: formats.ModelFile, x_large: torch.Tensor, cfg, counts: bool = True) -> dict:
+    """Parameters, sparsity, size on disk, forward FLOPs per image (counts=False: neither
+    parameters nor FLOPs), latency and throughput."""
     arch = model.module if model.module is not None else formats.rebuild(model.card)
-    input_shape = model.card["data"]["input_shape"]
-    out = {
-        "params": count_params(arch) if arch is not None else None,
-        "sparsity": _sparsity(model, arch),
-        "size_mb": model.path.stat().st_size / 2**20,
-        "flops": count_flops(arch, input_shape) if arch is not None else None,
-        "device": str(model.device),
-        "threads": model.threads if model.device.type == "cpu" else None,
-    }
+    out = {"params": count_params(arch) if arch is not None else None} if counts else {}
+    out.update(sparsity=_sparsity(model, arch), size_mb=model.path.stat().st_size / 2**20)
+    if counts:
+        out["flops"] = count_flops(arch, model.card["data"]["input_shape"]) if arch is not None else None
+    out.update(device=str(model.device), threads=model.threads if model.device.type == "cpu" else None)
     if cfg.latency.repeats:
         x = x_large.to(model.device)
         out.update(latency.costs(model.run, x[:1], x, model.device, cfg.latency.warmup, cfg.latency.repeats))
@@ -139,7 +132,7 @@ def _run(cfg, ctx: Context) -> dict:
         split = split.subset(cfg.limit)
     y = split.y.cpu()
 
-    logits = [logits_of(m, split, cfg.eval_batch_size) for m in models]
+    logits = [m.logits(split, cfg.eval_batch_size) for m in models]
     ref_path, ref = _reference(cfg, models, logits, split, data_info)
     x_large = split.head(cfg.latency.batch_size).cpu()
 
@@ -185,7 +178,7 @@ def _reference(cfg, models, logits, split, data_info) -> tuple[Path | None, torc
                 return path, out
         ref = formats.open_model(path, models[0].device)
         _same_data([(models[0].path, models[0].card), (path, ref.card)])
-        return path, logits_of(ref, split, cfg.eval_batch_size)
+        return path, ref.logits(split, cfg.eval_batch_size)
     for m, out in zip(models, logits):
         if m.card["role"] == "teacher":
             return m.path, out

@@ -18,6 +18,7 @@ from kdcli.commands.common import checkpoint_data, latest_run
 from kdcli.engine import predict
 from kdcli.errors import KdError
 from kdcli.files import write_json
+from kdcli.metrics import agreement
 from kdcli.report import console, pct, table
 
 log = logging.getLogger("kdcli")
@@ -58,12 +59,11 @@ def export_file(fmt: str, model, x: torch.Tensor, target: Path, card: dict, opse
 
 def check(target: Path, x: torch.Tensor, reference: torch.Tensor, batch_size: int, atol: float) -> dict:
     """Read an exported file back with its runtime and compare its logits with PyTorch's."""
-    model = formats.open_model(target)
-    got = torch.cat([model.run(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
+    got = formats.open_model(target).logits(x, batch_size)
     return {
         "path": str(target),
         "max_abs_diff": (got - reference).abs().max().item(),
-        "top1_agreement": (got.argmax(1) == reference.argmax(1)).float().mean().item(),
+        "top1_agreement": agreement(got, reference),
         "checked_images": len(x),
         "ok": bool(torch.allclose(got, reference, atol=atol, rtol=atol)),
     }

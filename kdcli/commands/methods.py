@@ -34,10 +34,10 @@ from kdcli.commands.distill import (
     teacher_logits,
 )
 from kdcli.data import DeviceData
-from kdcli.engine import Teacher, Trainee, epoch_steps, fit, predict, scores
+from kdcli.engine import Teacher, Trainee, epoch_steps, fit, predict
 from kdcli.errors import KdError
 from kdcli.losses.taps import Taps
-from kdcli.metrics import agreement
+from kdcli.metrics import agreement, scores
 from kdcli.models import count_flops, count_params
 from kdcli.prune import Pruner, plan
 from kdcli.transfer import check_module_names, copy_matching, summarise

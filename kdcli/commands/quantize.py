@@ -21,11 +21,11 @@ import torch
 from kdcli import checkpoint, formats, latency
 from kdcli.app import Context
 from kdcli.commands.common import checkpoint_data
-from kdcli.commands.evaluate import costs_of, logits_of
+from kdcli.commands.evaluate import costs_of
 from kdcli.commands.export import export_file, source_checkpoint
 from kdcli.errors import KdError
 from kdcli.files import atomic_write, write_json
-from kdcli.metrics import agreement, classification
+from kdcli.metrics import agreement, reliability, scores
 from kdcli.report import console, pct, table
 
 log = logging.getLogger("kdcli")
@@ -134,13 +134,13 @@ def _run(cfg, ctx: Context) -> dict:
     y = test.y
     x_large = test.head(cfg.latency.batch_size)
     rows = {}
-    pytorch = formats.open_model(path)
-    reference = logits_of(pytorch, test, 1000)
+    pytorch = formats.module_file(path, "checkpoint", formats.card_of(ck, path), model, torch.device("cpu"))
+    reference = pytorch.logits(test, 1000)
     for name, m in [("float, pytorch", pytorch)] + [(n, formats.open_model(f)) for n, f in files.items()]:
-        out = reference if m is pytorch else logits_of(m, test, 1000)
-        scores = {k: v for k, v in classification(out, y).items() if k in ("acc", "nll", "ece")}
-        rows[name] = {"path": str(m.path), **scores, "agreement_with_float": agreement(out, reference)}
-        rows[name].update({k: v for k, v in costs_of(m, x_large, cfg).items() if k not in ("flops", "params")})
+        out = reference if m is pytorch else m.logits(test, 1000)
+        figures = {**scores(out, y), "ece": reliability(out, y)["ece"]}
+        rows[name] = {"path": str(m.path), **figures, "agreement_with_float": agreement(out, reference)}
+        rows[name].update(costs_of(m, x_large, cfg, counts=False))
     base = rows["float, pytorch"]
     for r in rows.values():
         r["acc_change"] = r["acc"] - base["acc"]
