@@ -39,13 +39,28 @@ def _read_umask() -> int:
 _UMASK = _read_umask()  # read once: os.umask is process-wide, and threads may write at the same time
 
 
+def _writer_alive(rest: str) -> bool:
+    """Whether the process named by a temporary file's "<pid>-<random>.tmp" still runs here."""
+    pid = rest.split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
+
+
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`:
     a crash mid-write leaves the previous file intact. A full disk raises a KdError."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        # The writer's pid in the name: a later write removes only the leftovers of dead writers
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
         os.close(fd)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the file gets the usual permissions
     except OSError as e:
@@ -58,7 +73,8 @@ def atomic_write(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a process killed mid-write
-            stale.unlink(missing_ok=True)
+            if not _writer_alive(stale.name[len(path.name) + 2 :]):  # not another process's write in progress
+                stale.unlink(missing_ok=True)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno in NO_SPACE:

@@ -442,3 +442,22 @@ def test_random_bytes_are_called_corrupt_not_pickled_objects(tmp_path):
         path.write_bytes(random.Random(seed).randbytes(2000))
         with pytest.raises(KdError, match="Cannot read checkpoint .* truncated, corrupt or not a PyTorch file"):
             checkpoint.load(path)
+
+
+def test_a_write_removes_dead_writers_temp_files_but_not_a_live_ones(tmp_path):
+    """Jobs of a sweep may write the same file (the teacher-output cache) at once: a finished
+    write must not delete the temporary file another live process is still filling."""
+    import subprocess
+    import sys
+
+    from kdcli.files import write_text
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live_tmp = tmp_path / f".out.json.{os.getpid()}-live.tmp"
+    dead_tmp = tmp_path / f".out.json.{dead.stdout.strip()}-dead.tmp"
+    old_style = tmp_path / ".out.json.abc123.tmp"  # a name without a pid: an older kdcli's leftover
+    for f in (live_tmp, dead_tmp, old_style):
+        f.write_text("partial")
+    write_text(tmp_path / "out.json", "{}")
+    assert (tmp_path / "out.json").read_text() == "{}"
+    assert live_tmp.exists() and not dead_tmp.exists() and not old_style.exists()
