@@ -22,6 +22,9 @@ pytestmark = pytest.mark.slow
 
 # Batches of 16: epochs of a few seconds on two cores, long enough to be interrupted inside one.
 TEACHER = ["teacher=mlp", "trainer.epochs=3", "trainer.batch_size=16", "trainer.deterministic=true"]
+# For the tests that stop a run inside its second epoch: small batches, so an epoch lasts long enough
+# (about 0.8 s on an idle 2-core machine, against 0.25 s with TEACHER) for the stop to land in it.
+LONG_EPOCHS = [*TEACHER[:2], "trainer.batch_size=4", *TEACHER[3:]]
 
 
 def start(cwd: Path, *args: str, new_session: bool = False) -> subprocess.Popen:
@@ -81,8 +84,8 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 def test_train_teacher_killed_mid_epoch_resumes_to_the_same_weights(kd):
-    # Mid-epoch states every 0.3 s, so the kill lands after one of them: the resume starts inside an epoch.
-    args = [*TEACHER, "trainer.save_every_min=0.005"]
+    # Mid-epoch states every 0.12 s, so the kill lands after one of them: the resume starts inside an epoch.
+    args = [*LONG_EPOCHS, "trainer.save_every_min=0.002"]
     ref = kd("train-teacher", *args)
     assert ref.returncode == 0, ref.stdout + ref.stderr
     (reference,) = run_dirs(kd.dir, "train_teacher")
@@ -165,10 +168,10 @@ def test_distill_killed_in_its_last_phase_reuses_finished_phases_and_ends_the_sa
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_saves_the_step_reached_and_the_printed_command_continues_it(kd, sig, code):
-    ref = kd("train-teacher", *TEACHER)
+    ref = kd("train-teacher", *LONG_EPOCHS)
     (reference,) = run_dirs(kd.dir, "train_teacher")
     assert ref.returncode == 0
-    proc = start(kd.dir, "train-teacher", *TEACHER)
+    proc = start(kd.dir, "train-teacher", *LONG_EPOCHS)
     live = lambda: [d for d in run_dirs(kd.dir, "train_teacher") if d != reference]  # noqa: E731
     wait_for(lambda: epochs_done(live, "teacher")() >= 1, proc)
     time.sleep(0.5)
