@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from kdcli import interrupt, resume
+from kdcli import distributed, interrupt, resume
 from kdcli.config import resolve_device, validate
 from kdcli.errors import KdError
 from kdcli.files import write_json, write_text
@@ -193,10 +193,12 @@ def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: Dict
                     console.print(f"Already completed: {run_dir} (resume=auto keeps it)")
                     return previous
             write_json(run_dir / "metrics.json", metrics)  # a run killed outright still says "running"
-            device = resolve_device(cfg.device)
+            device = distributed.device_for(resolve_device(cfg.device))
             ctx = Context(run_dir, device, multirun, metrics=metrics)
+            if distributed.active():
+                metrics["processes"] = distributed.world()
             with interrupt.training():  # a signal while taking over a run takes effect once it is taken over
-                source = _resume_source(cfg, command, run_dir)
+                source = distributed.decided_by_main(lambda: _resume_source(cfg, command, run_dir))
                 if source is None:
                     resume.clear_states(run_dir)  # an earlier run's states in this directory are not continued
                 else:
@@ -209,6 +211,7 @@ def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: Dict
                         if key in ctx.previous:
                             metrics[key] = ctx.previous[key]
                     write_json(run_dir / "metrics.json", metrics)
+            distributed.barrier()  # several processes: rank 0 has taken the run over (its states are in place)
             interrupt.check()
             write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             seed_everything(int(cfg.seed), bool(OmegaConf.select(cfg, "trainer.deterministic", default=False)))

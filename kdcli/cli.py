@@ -238,16 +238,57 @@ def main(argv: list[str] | None = None) -> int:
         error(str(e))
         return 1
 
+    from kdcli import distributed
     from kdcli.app import Outcome, hydra_app
     from kdcli.report import SweepSummary
 
+    try:
+        if distributed.launched():
+            args = _join_processes(name, command, args)
+    except KdError as e:
+        error(str(e))
+        return 1
     module = importlib.import_module(f"kdcli.commands.{command}")
     sys.argv = [f"kd {name}", *args]
     try:
         hydra_app(command, module.run)()
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
+    finally:
+        distributed.close()
     return 1 if (Outcome.failed or SweepSummary.failed) else 0
+
+
+def _join_processes(name: str, command: str, args: list[str]) -> list[str]:
+    """Started by torchrun: join the process group, and make every rank's run one run: rank 0's
+    time stamp names the run directory of all; the other ranks write no files and log only errors."""
+    from datetime import datetime
+
+    from kdcli import distributed
+    from kdcli.report import console
+
+    if command not in ("train_teacher", "distill"):
+        raise KdError(
+            f"kd {name} runs in one process; torchrun (several processes) is for kd train-teacher and kd distill."
+        )
+    if any(a in ("-m", "--multirun") for a in args):
+        raise KdError(
+            "A sweep (-m) does not run under torchrun: run each configuration with torchrun in turn, or sweep "
+            "without torchrun (hydra/launcher=joblib runs jobs in parallel)."
+        )
+    distributed.init()
+    stamp = distributed.same(datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f"))
+    if not any(o.startswith("hydra.run.dir=") for o in _overrides(args)):
+        args = [*args, f"hydra.run.dir=${{runs_dir}}/${{hydra.job.name}}/{stamp}"]
+    if distributed.rank() > 0:
+        console.quiet = True
+        args = [
+            *args,
+            "hydra.output_subdir=null",
+            "hydra.job_logging.root.handlers=[console]",
+            "hydra.job_logging.root.level=ERROR",
+        ]
+    return args
 
 
 def entry() -> None:

@@ -28,6 +28,11 @@ class TrainerConfig:
     label_smoothing: float = 0.0  # of the hard-label cross-entropy (teacher training and the alpha term)
     save_every_min: Optional[float] = 30.0  # also save the training state mid-epoch this often (null: epoch ends)
     nonfinite: str = "stop"  # a NaN/inf loss: stop (keeping the last good checkpoints) or skip the step
+    # GPU speed (kdcli/accel.py): applied on CUDA, accepted and ignored with a note on a CPU
+    precision: str = "fp32"  # fp32, bf16 or fp16 autocast of the training step (fp16 with a gradient scaler)
+    channels_last: bool = False  # conv nets and their inputs in channels-last layout
+    compile: bool = False  # torch.compile each trained model's forward
+    teacher_precision: str = "fp32"  # the frozen teacher's forward (autocast): fp32, bf16 or fp16
 
 
 @dataclass
@@ -309,6 +314,9 @@ def validate(cfg: DictConfig, command: str) -> None:
             f"trainer.nonfinite={cfg.trainer.nonfinite}: choose stop (end the run at a NaN/inf loss) or skip "
             "(skip that step).",
         )
+        for key in ("precision", "teacher_precision"):
+            value = cfg.trainer.get(key, "fp32")
+            _check(value in ("fp32", "bf16", "fp16"), f"trainer.{key}={value}: choose fp32, bf16 or fp16.")
         _check(
             cfg.trainer.label_smoothing < 1,
             f"trainer.label_smoothing must be in [0, 1) (got {cfg.trainer.label_smoothing}).",

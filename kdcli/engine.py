@@ -19,8 +19,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from kdcli import checkpoint, interrupt
+from kdcli import checkpoint, distributed, interrupt
 from kdcli import resume as resume_mod
+from kdcli.accel import Speed
 from kdcli.data import DeviceData
 from kdcli.data.device import DeviceSplit
 from kdcli.data.stream import StreamData, StreamSplit
@@ -108,8 +109,12 @@ class Teacher:
             return self(x)
         return self.cache[idx.to(self.cache.device)].to(x.device, non_blocking=True)
 
+    def features(self) -> list[torch.Tensor]:
+        """The outputs of its tapped layers in the last forward (float32)."""
+        return [f.float() for f in self.taps.take()] if self.taps else []
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x if self.scale is None else x * self.scale + self.shift)
+        return self.model(x if self.scale is None else x * self.scale + self.shift).float()
 
 
 def epoch_steps(data, tcfg) -> int:
@@ -132,11 +137,40 @@ def _set_frozen(trainee: Trainee, epoch: int) -> None:
         log.info(f"{trainee.role:<8} epoch {epoch}: unfreezing {', '.join(trainee.freeze)}")
 
 
-def _forward(trainee: Trainee, x: torch.Tensor):
-    logits = trainee.model(x)
-    feats = trainee.taps.take() if trainee.taps else []
-    source_feats = trainee.source_taps.take() if trainee.source_taps else []
-    return logits, feats, source_feats
+class _Step(nn.Module):
+    """The forward half of a training step: every trainee on the batch, then each objective
+    against the frozen teachers' outputs or its sources' (detached) ones. A module of the models
+    and objectives, so that DistributedDataParallel sees every parameter the loss reaches (the
+    objectives' own: FitNets' adapters, CRD's embeddings) and none it does not (a hint stage)."""
+
+    def __init__(self, trainees: list[Trainee], speed: Speed):
+        super().__init__()
+        self.trainees = trainees
+        self.models = nn.ModuleList(t.model for t in trainees)
+        self.objectives = nn.ModuleList(t.objective for t in trainees)
+        self.forwards = [speed.forward_of(t.model) for t in trainees]
+
+    def forward(self, x, y, idx, t_logits, t_feats):
+        outs = {}
+        for t, run in zip(self.trainees, self.forwards):
+            logits = run(x)
+            feats = t.taps.take() if t.taps else []
+            source_feats = t.source_taps.take() if t.source_taps else []
+            outs[t.role] = (logits, feats, source_feats)
+        total, losses = 0.0, []
+        for t in self.trainees:
+            logits, feats, _ = outs[t.role]
+            if t.sources:
+                terms = [
+                    t.objective(logits, [outs[s][0].detach()], y, feats, [f.detach() for f in outs[s][2]], idx)[0]
+                    for s in t.sources
+                ]
+                loss = sum(terms) / len(terms)
+            else:
+                loss, _ = t.objective(logits, t_logits, y, feats, t_feats, idx)
+            total = total + loss
+            losses.append((loss, logits))
+        return total, losses
 
 
 def fit(
@@ -175,13 +209,25 @@ def fit(
         params = list(t.model.parameters()) + list(t.objective.parameters())
         t.optimizer = build_optimizer(params, cfg.optimizer)
         t.scheduler = build_scheduler(t.optimizer, cfg.scheduler, steps, epochs)
+    speed = Speed.of(tcfg, data.device)
+    for t in trainees:
+        speed.prepare(t.model)
     for teacher in teachers:
         teacher.model.eval()
+        speed.prepare(teacher.model)
+    step_module = _Step(trainees, speed)
+    runner, trainable = step_module, None
+    global_batch = min(tcfg.batch_size, len(data.train))  # under several processes, each takes a part of it
+    if distributed.active():
+        log.info(
+            f"parallel {distributed.world()} processes: each takes its part of every batch of {global_batch}, "
+            "gradients averaged over them (DistributedDataParallel)"
+        )
     use_teachers = any(t.objective.needs_teacher and not t.sources for t in trainees) and len(teachers) > 0
     keep = "last" if hint else "best"
     ckpt_dir = Path(run_dir) / "checkpoints"
     roles = [t.role for t in trainees]
-    loop = _Loop(trainees, data, cfg, resume_mod.state_path(ckpt_dir, roles), epochs, steps)
+    loop = _Loop(trainees, data, cfg, resume_mod.state_path(ckpt_dir, roles), epochs, steps, speed)
     if resume and loop.path.is_file():
         saved = resume_mod.load(loop.path)
         if saved.get("status") == "completed":
@@ -213,48 +259,44 @@ def fit(
                         f"{list(t.freeze)} covers the whole model). Freeze fewer modules."
                     )
                 sched[t.role] = t.objective.set_epoch(epoch, epochs, hint=hint)
+            # Several processes: DistributedDataParallel over the parameters that train now (again
+            # when a freeze ends, since it reduces the gradients of those it was built with).
+            now = tuple(p.requires_grad for p in step_module.parameters())
+            if now != trainable:
+                runner, trainable = distributed.wrap(step_module), now
             for step, (x, y, idx) in enumerate(
                 data.train_batches(tcfg.batch_size, loop.epoch_seed, start=loop.step), start=loop.step
             ):
                 if step >= steps:
                     break
+                x = speed.layout(x)
                 t_logits, t_feats = None, []
                 if use_teachers:
-                    with torch.no_grad():
+                    with torch.no_grad(), speed.teacher_autocast():
                         t_logits = [teacher.outputs(x, idx) for teacher in teachers]
-                        t_feats = [f for teacher in teachers if teacher.taps for f in teacher.taps.take()]
-                outs = {t.role: _forward(t, x) for t in trainees}
-                total = 0.0
-                batch_sums = []
-                for t in trainees:
-                    logits, feats, _ = outs[t.role]
-                    if t.sources:
-                        losses = [
-                            t.objective(
-                                logits,
-                                [outs[s][0].detach()],
-                                y,
-                                feats,
-                                [f.detach() for f in outs[s][2]],
-                                idx,
-                            )[0]
-                            for s in t.sources
-                        ]
-                        loss = sum(losses) / len(losses)
-                    else:
-                        loss, _ = t.objective(logits, t_logits, y, feats, t_feats, idx)
-                    total = total + loss
-                    batch_sums.append(torch.stack([loss.detach() * len(y), (logits.detach().argmax(1) == y).sum()]))
+                        t_feats = [f for teacher in teachers for f in teacher.features()]
+                with speed.autocast():
+                    total, losses = runner(x, y, idx, t_logits, t_feats)
+                batch_sums = [
+                    torch.stack([loss.detach().float() * len(y), (logits.detach().argmax(1) == y).sum()])
+                    for loss, logits in losses
+                ]
                 for t in trainees:
                     t.optimizer.zero_grad(set_to_none=True)
-                if loop.step_is_finite(total, epoch, step):
-                    total.backward()
+                finite = loop.step_is_finite(total, epoch, step)
+                if finite or distributed.active():  # every rank takes part in the gradients' reduction
+                    # With unequal parts of the batch, DDP's mean over ranks is made the batch's mean.
+                    share = len(y) * distributed.world() / global_batch
+                    speed.backward(total * share if share != 1 else total)
+                if finite:
                     for t, bs in zip(trainees, batch_sums):
                         loop.sums[t.role] += bs
                         if tcfg.grad_clip:  # the model's and the objective's (adapters) parameters
+                            speed.unscale(t.optimizer)
                             params = [p for g in t.optimizer.param_groups for p in g["params"]]
                             nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-                        t.optimizer.step()
+                        speed.step(t.optimizer)
+                    speed.update()
                     loop.seen += len(y)
                 for t in trainees:
                     if t.scheduler is not None:
@@ -263,7 +305,7 @@ def fit(
                         t.pruner.update((epoch - 1) * steps + step + 1)
                 loop.step = step + 1
                 advance()
-                if interrupt.requested() is not None:
+                if interrupt.requested_anywhere() is not None:
                     loop.save(started)
                     interrupt.check()
                 loop.save_if_due(started)
@@ -306,6 +348,7 @@ def fit(
         results={r: res.metrics for r, res in results.items()},
         objectives={t.role: t.objective.state_dict() for t in trainees},  # FitNets adapters go on to stage 2
     )
+    distributed.barrier()  # what rank 0 wrote (checkpoints, the state) is there for every rank to read
     return results[trainees[0].role] if single else results
 
 
@@ -328,8 +371,8 @@ def _finished(trainees: list[Trainee], saved: dict, ckpt_dir: Path, single: bool
 class _Loop:
     """The position and the running figures of a training loop, and its training state on disk."""
 
-    def __init__(self, trainees: list[Trainee], data, cfg, path: Path, epochs: int, steps: int):
-        self.trainees, self.data, self.cfg, self.path = trainees, data, cfg, path
+    def __init__(self, trainees: list[Trainee], data, cfg, path: Path, epochs: int, steps: int, speed: Speed):
+        self.trainees, self.data, self.cfg, self.path, self.speed = trainees, data, cfg, path, speed
         self.epochs, self.steps = epochs, steps
         self.seeds = torch.Generator().manual_seed(int(cfg.seed))  # one seed per epoch: order and augmentation
         self.epochs_done, self.step, self.epoch_seed = 0, 0, 0
@@ -358,7 +401,7 @@ class _Loop:
         finite = torch.isfinite(total.detach())
         global_step = (epoch - 1) * self.steps + step + 1
         if self.nonfinite == "skip":
-            if bool(finite):
+            if not distributed.most(int(not bool(finite))):  # several processes skip a step together
                 return True
             self.skipped += 1
             self.skipped_total += 1
@@ -390,6 +433,9 @@ class _Loop:
 
     def end_epoch(self, epoch: int) -> None:
         self._check_finite()
+        if distributed.active():  # the epoch's figures over every rank's part of the batches
+            self.seen = int(distributed.all_sum(torch.tensor(self.seen)))  # (skipped steps: the same on every rank)
+            self.sums = {role: distributed.all_sum(v) for role, v in self.sums.items()}
         if self.seen == 0:
             raise KdError(
                 f"Every step of epoch {epoch} had a non-finite loss (trainer.nonfinite=skip skipped all "
@@ -414,8 +460,11 @@ class _Loop:
             self.save(started)
 
     def save(self, started: float) -> None:
-        """Write the training state at the current position (never past a non-finite loss)."""
+        """Write the training state at the current position (never past a non-finite loss); under
+        several processes, rank 0's (mid-epoch figures are its part of the batches until then)."""
         self._check_finite()
+        if not distributed.is_main():
+            return
         device = self.data.device
         models = {
             t.role: {
@@ -441,6 +490,7 @@ class _Loop:
             skipped=[self.skipped, self.skipped_total, self.first_skip or 0],
             elapsed=time.perf_counter() - started,
             trainees=models,
+            grad_scaler=self.speed.state_dict(),
         )
         self.last_save = time.perf_counter()
 
@@ -485,7 +535,11 @@ class _Loop:
         self.skipped, self.skipped_total, first = saved["skipped"]
         self.first_skip = first or None
         self.elapsed = saved["elapsed"]
+        self.speed.load_state_dict(saved.get("grad_scaler"))
         resume_mod.set_rng_state(saved["rng"], device)
+        if distributed.rank() > 0:  # the saved running sums are rank 0's part: the others start theirs anew
+            self.sums = {k: torch.zeros_like(v) for k, v in self.sums.items()}
+            self.seen = 0
 
 
 def _end_epoch(keep: str, t: Trainee, loop: "_Loop", epoch: int, sched: dict, run_dir: Path, t0: float) -> None:

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from kdcli import distributed
 from kdcli.errors import KdError
 
 # The errors of a write that more space (or a larger quota or file-size limit) would have let through.
@@ -55,7 +56,10 @@ def _writer_alive(rest: str) -> bool:
 
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`:
-    a crash mid-write leaves the previous file intact. A full disk raises a KdError."""
+    a crash mid-write leaves the previous file intact. A full disk raises a KdError. Under
+    several processes (torchrun) only rank 0 writes: the others' writes are dropped."""
+    if not distributed.is_main():
+        return
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ import contextlib
 import signal
 import sys
 
+from kdcli import distributed
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -82,9 +84,20 @@ def training():
         _State.training = False
 
 
+def requested_anywhere() -> int | None:
+    """The signal received by this process or, under several processes, by any of them: they all
+    stop at the same step (every rank calls this at the same points)."""
+    if distributed.active():
+        signum = distributed.most(_State.requested or 0)
+        if signum and _State.requested is None:
+            _State.requested = signum
+    return _State.requested
+
+
 def check() -> None:
-    """Raise Interrupted if a signal was received (the loop calls this at a safe point)."""
-    if _State.requested is not None:
+    """Raise Interrupted if a signal was received, here or by another rank (the loop calls this at
+    a safe point)."""
+    if requested_anywhere() is not None:
         raise Interrupted(_State.requested)
 
 

@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from kdcli import distributed
 from kdcli.files import write_csv
 
 # Log files and CI logs are read in wide windows: don't wrap at 80 columns there.
@@ -26,6 +27,9 @@ console = Console(width=None if sys.stdout.isatty() else 120)
 def error(message: str) -> None:
     """The one-paragraph error a user sees (the message is printed as is, never as markup)."""
     # soft_wrap: no line breaks inserted, so a path in the message stays whole for copying
+    if distributed.rank() > 0:  # several processes: the others' output is quiet, their errors are not
+        print(f"error (rank {distributed.rank()}): {message}", file=sys.stderr)
+        return
     console.print("[bold red]error:[/bold red]", escape(message), highlight=False, soft_wrap=True)
 
 

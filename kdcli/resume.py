@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from kdcli import checkpoint
+from kdcli import checkpoint, distributed
 from kdcli.errors import KdError
 from kdcli.files import read_jsonl, write_json, write_jsonl
 
@@ -110,6 +110,8 @@ def config_diff(current: dict, previous: dict) -> list[str]:
 
 
 def clear_states(run_dir: Path) -> None:
+    if not distributed.is_main():  # several processes: rank 0 keeps the files
+        return
     for f in Path(run_dir, "checkpoints").glob("*_resume.pt"):
         f.unlink()
 
@@ -177,7 +179,10 @@ def find_unfinished(runs_dir: str, command: str, config: dict, exclude: Path) ->
 
 def adopt(source: Path, run_dir: Path) -> None:
     """Give run_dir the training states, checkpoints and epoch rows of `source` (hard links
-    where the file system allows, else copies); the source is marked as resumed there."""
+    where the file system allows, else copies); the source is marked as resumed there. Rank 0's
+    work under several processes."""
+    if not distributed.is_main():
+        return
     for f in sorted(Path(source, "checkpoints").glob("*.pt")):
         target = run_dir / "checkpoints" / f.name
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from kdcli import checkpoint
+from kdcli import checkpoint, distributed
 from kdcli.commands.common import augmentation, data_identity, dataset_config
 from kdcli.data.splits import SPLIT_VERSION
 from kdcli.engine import Teacher, batches
@@ -96,15 +96,18 @@ def attach(cfg, data, teachers: list[Teacher], teacher_paths: list[str], objecti
     t0 = time.perf_counter()
     key = fingerprint(teacher_paths, data, dataset_config(cfg))
     path = Path(cfg.runs_dir).expanduser() / "cache" / "teacher_outputs" / f"{key}.pt"
-    outs = _read(path, teachers, len(data.train)) if path.is_file() else None
-    computed = outs is None
-    if computed:
-        outs = _compute(teachers, data, int(cfg.trainer.eval_batch_size))
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            checkpoint.write(path, {"format": FORMAT, "fingerprint": key, "teachers": teacher_paths, "outputs": outs})
-        except (OSError, KdError) as e:  # a read-only or full runs_dir: the run still uses them in memory
-            log.warning(f"warning  could not store the teacher outputs in {path} ({e}); they are used in memory only")
+    with distributed.main_first():  # several processes: rank 0 computes and stores, the others read its file
+        outs = _read(path, teachers, len(data.train)) if path.is_file() else None
+        computed = outs is None
+        if computed:
+            outs = _compute(teachers, data, int(cfg.trainer.eval_batch_size))
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                checkpoint.write(
+                    path, {"format": FORMAT, "fingerprint": key, "teachers": teacher_paths, "outputs": outs}
+                )
+            except (OSError, KdError) as e:  # a read-only or full runs_dir: the run still uses them in memory
+                log.warning(f"warning  could not store the teacher outputs in {path} ({e}); used in memory only")
     for t, out in zip(teachers, outs):
         t.cache = out.to(data.device)
     seconds = time.perf_counter() - t0

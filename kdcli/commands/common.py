@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from kdcli import distributed
 from kdcli.config import augmenting, model_spec
 from kdcli.data import DeviceData, load_splits
 from kdcli.data.splits import SPLIT_VERSION
@@ -63,7 +64,8 @@ def open_dataset(cfg, device: torch.device, storage: str | None = None) -> Devic
     """The data cfg.dataset names on `device`, augmented as cfg says, in memory or streamed
     (`storage`, default dataset.storage). Needs no run: kdcli.load_data calls it directly."""
     dcfg = dataset_config(cfg)
-    splits = load_splits(dcfg, cfg.data_root)
+    with distributed.main_first():  # one process downloads or unpacks; the others then read its files
+        splits = load_splits(dcfg, cfg.data_root)
     shift, flip = augmentation(cfg)
     data = open_data(splits, device, shift, flip, storage or dcfg.get("storage", "auto"), dcfg.get("workers"))
     if isinstance(data, StreamData):

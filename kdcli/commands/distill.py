@@ -12,7 +12,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from kdcli import checkpoint
+from kdcli import checkpoint, distributed
 from kdcli.app import Context
 from kdcli.commands import train_teacher
 from kdcli.commands.common import (
@@ -97,7 +97,7 @@ def obtain_teacher(cfg, data: DeviceData, ctx: Context) -> tuple:
                 run_dir = Path(unfinished)
                 log.info(f"teacher  continuing the teacher this run was training, in {run_dir}")
             else:
-                stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+                stamp = distributed.same(datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f"))  # one dir for all ranks
                 run_dir = Path(cfg.runs_dir).expanduser().resolve() / "train_teacher" / stamp
                 log.info(
                     f"teacher  no trained {spec['name']} teacher for this dataset under "
@@ -230,6 +230,11 @@ def build_objective(cfg, data: DeviceData, student, teacher=None, teachers: list
         if params.get("weight", 0) < 0:
             raise KdError(f"features.{name}.weight must be >= 0 (got {params['weight']}).")
         module = FEATURE_LOSSES.build(name, shapes, **params)
+        if distributed.world() > 1 and any(True for _ in module.buffers()):
+            raise KdError(
+                f"features.{name} keeps state over the training samples (a memory bank), which several processes "
+                "would each update with their own part of the batches: run it in one process (without torchrun)."
+            )
         features.append(FeatureTerm(name, module, s_layers, t_layers, int(params.get("hint_epochs", 0))))
         log.info(
             f"features {name}: student {', '.join(f'{n} {s}' for n, s in zip(s_layers, shapes.student))} -> "

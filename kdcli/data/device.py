@@ -8,6 +8,7 @@ from typing import Iterator
 
 import torch
 
+from kdcli import distributed
 from kdcli.data.splits import DataInfo, Splits
 
 
@@ -41,20 +42,25 @@ def normalise(x_uint8: torch.Tensor, info: DataInfo, device) -> torch.Tensor:
     return (x_uint8.to(device).float().div_(255) - mean) / std
 
 
-def augment_batch(x: torch.Tensor, shift: int, flip: bool, fill: torch.Tensor, generator) -> torch.Tensor:
+def augment_batch(
+    x: torch.Tensor, shift: int, flip: bool, fill: torch.Tensor, generator, rows: tuple[int, int, int] | None = None
+) -> torch.Tensor:
     """Random translation by up to `shift` pixels (uncovered pixels take `fill`, the
-    per-channel value of a black pixel) and, if `flip`, random horizontal flips."""
+    per-channel value of a black pixel) and, if `flip`, random horizontal flips. With
+    rows=(lo, hi, n), x is rows lo:hi of a batch of n and gets the transforms those rows get
+    in the whole batch (a process's part of it)."""
     b, c, h, w = x.shape
+    lo, hi, n = rows or (0, b, b)
     if shift > 0:
         padded = fill.view(1, c, 1, 1).expand(b, c, h + 2 * shift, w + 2 * shift).clone()
         padded[:, :, shift : shift + h, shift : shift + w] = x
-        dy, dx = torch.randint(0, 2 * shift + 1, (2, b, 1), device=x.device, generator=generator)
+        dy, dx = torch.randint(0, 2 * shift + 1, (2, n, 1), device=x.device, generator=generator)[:, lo:hi]
         rows = (torch.arange(h, device=x.device) + dy)[:, None, :, None].expand(b, c, h, w + 2 * shift)
         x = padded.gather(2, rows)
         cols = (torch.arange(w, device=x.device) + dx)[:, None, None, :].expand(b, c, h, w)
         x = x.gather(3, cols)
     if flip:
-        mask = torch.rand(b, device=x.device, generator=generator) < 0.5
+        mask = torch.rand(n, device=x.device, generator=generator)[lo:hi] < 0.5
         x = torch.where(mask.view(b, 1, 1, 1), x.flip(3), x)
     return x
 
@@ -77,7 +83,8 @@ class DeviceData:
         """One epoch of shuffled, augmented training batches (x, y, indices into the train split);
         a last partial batch is dropped so every step sees the same batch size (unless the split
         is smaller than one batch). The order follows from `seed` and batch k's augmentation from
-        (seed, k) alone, so an interrupted epoch continues exactly at batch `start`."""
+        (seed, k) alone, so an interrupted epoch continues exactly at batch `start`. Under several
+        processes each takes its rows of every batch (kdcli/distributed.py)."""
         n = len(self.train)
         g = torch.Generator(device=self.device).manual_seed(seed)
         perm = torch.randperm(n, device=self.device, generator=g)
@@ -85,11 +92,13 @@ class DeviceData:
         for k, i in enumerate(range(0, stop, batch_size)):
             if k < start:
                 continue
-            idx = perm[i : i + batch_size]
+            n_batch = min(batch_size, n - i)
+            lo, hi = distributed.part(n_batch)
+            idx = perm[i + lo : i + hi]
             x = self.train.x[idx]
             if self.shift or self.flip:
                 g.manual_seed(mix_seed(seed, k + 1))
-                x = augment_batch(x, self.shift, self.flip, self.fill, g)
+                x = augment_batch(x, self.shift, self.flip, self.fill, g, (lo, hi, n_batch))
             yield x, self.train.y[idx], idx
 
     def steps_per_epoch(self, batch_size: int) -> int:

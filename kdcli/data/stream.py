@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from kdcli import distributed
 from kdcli.data.device import mix_seed
 from kdcli.data.splits import DataInfo, Split, Splits
 from kdcli.errors import KdError
@@ -176,14 +177,20 @@ class StreamData:
     def train_batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
         """One epoch of shuffled, augmented batches (x, y, indices), as DeviceData's: the order
         follows from `seed`, each sample's random transform from (seed, sample index), so the
-        batches do not depend on the workers and an epoch continues exactly at batch `start`."""
+        batches do not depend on the workers and an epoch continues exactly at batch `start`. Under
+        several processes each reads its rows of every batch (kdcli/distributed.py)."""
         n = len(self.train)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         stop = n - n % batch_size if n >= batch_size else n
         samples = self._augmented.samples
         samples.epoch_seed = seed  # read by the workers, which start with each epoch's loader
+        order = perm[start * batch_size : stop]
+        if distributed.world() > 1:  # this process's rows of each batch
+            lo, hi = distributed.part(min(batch_size, n))
+            order = order.view(-1, min(batch_size, n))[:, lo:hi].reshape(-1)
+            batch_size = hi - lo
         loader = self._augmented.loader(
-            batch_size, sampler=perm[start * batch_size : stop].tolist(), generator=torch.Generator().manual_seed(seed)
+            batch_size, sampler=order.tolist(), generator=torch.Generator().manual_seed(seed)
         )
         for x, y, idx in _iterate(loader):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx.to(self.device)
