@@ -140,6 +140,8 @@ def _stop_hint(command: str, run_dir: Path, multirun: bool) -> str:
             f"To continue: re-run the sweep with hydra.sweep.dir={run_dir.parent} resume=auto "
             "(finished jobs are kept, unfinished ones continue)."
         )
+    if distributed.active():  # any number of processes continues it: the batches are split, not changed
+        return f"To continue: torchrun --nproc_per_node={distributed.world()} -m kdcli {name} resume={run_dir}"
     return f"To continue: kd {name} resume={run_dir}"
 
 
