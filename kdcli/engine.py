@@ -9,6 +9,7 @@ the test split.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -18,6 +19,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.profiler import record_function as _record_function
 
 from kdcli import checkpoint, distributed, interrupt
 from kdcli import resume as resume_mod
@@ -117,6 +119,26 @@ class Teacher:
         return self.model(x if self.scale is None else x * self.scale + self.shift).float()
 
 
+def record_function(name: str):
+    """A torch.profiler mark while a profiler runs (scripts/profile_step.py); else nothing (a mark costs
+    microseconds, a step of a small model a few milliseconds)."""
+    return _record_function(name) if torch._C._autograd._profiler_enabled() else contextlib.nullcontext()
+
+
+def _marked(batches):
+    """The training batches, each one's making (indexing, augmentation, a loader's wait) marked
+    "kd:data" and the step that uses it "kd:step", for torch.profiler."""
+    it = iter(batches)
+    while True:
+        with record_function("kd:data"):
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+        with record_function("kd:step"):  # the loop's body, until it asks for the next batch
+            yield batch
+
+
 def epoch_steps(data, tcfg) -> int:
     """Training steps per epoch: the batches of the training split, at most trainer.max_batches."""
     steps = data.steps_per_epoch(tcfg.batch_size)
@@ -169,7 +191,8 @@ class _Step(nn.Module):
             else:
                 loss, _ = t.objective(logits, t_logits, y, feats, t_feats, idx)
             total = total + loss
-            losses.append((loss, logits))
+            # Logits detached: what DDP finds reachable from the outputs is what the loss reaches
+            losses.append((loss, logits.detach()))
         return total, losses
 
 
@@ -265,17 +288,17 @@ def fit(
             if now != trainable:
                 runner, trainable = distributed.wrap(step_module), now
             for step, (x, y, idx) in enumerate(
-                data.train_batches(tcfg.batch_size, loop.epoch_seed, start=loop.step), start=loop.step
+                _marked(data.train_batches(tcfg.batch_size, loop.epoch_seed, start=loop.step)), start=loop.step
             ):
                 if step >= steps:
                     break
                 x = speed.layout(x)
                 t_logits, t_feats = None, []
                 if use_teachers:
-                    with torch.no_grad(), speed.teacher_autocast():
+                    with torch.no_grad(), speed.teacher_autocast(), record_function("kd:teacher"):
                         t_logits = [teacher.outputs(x, idx) for teacher in teachers]
                         t_feats = [f for teacher in teachers for f in teacher.features()]
-                with speed.autocast():
+                with speed.autocast(), record_function("kd:forward+loss"):
                     total, losses = runner(x, y, idx, t_logits, t_feats)
                 batch_sums = [
                     torch.stack([loss.detach().float() * len(y), (logits.detach().argmax(1) == y).sum()])
@@ -287,16 +310,18 @@ def fit(
                 if finite or distributed.active():  # every rank takes part in the gradients' reduction
                     # With unequal parts of the batch, DDP's mean over ranks is made the batch's mean.
                     share = len(y) * distributed.world() / global_batch
-                    speed.backward(total * share if share != 1 else total)
+                    with record_function("kd:backward"):
+                        speed.backward(total * share if share != 1 else total)
                 if finite:
-                    for t, bs in zip(trainees, batch_sums):
-                        loop.sums[t.role] += bs
-                        if tcfg.grad_clip:  # the model's and the objective's (adapters) parameters
-                            speed.unscale(t.optimizer)
-                            params = [p for g in t.optimizer.param_groups for p in g["params"]]
-                            nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-                        speed.step(t.optimizer)
-                    speed.update()
+                    with record_function("kd:optimizer"):
+                        for t, bs in zip(trainees, batch_sums):
+                            loop.sums[t.role] += bs
+                            if tcfg.grad_clip:  # the model's and the objective's (adapters) parameters
+                                speed.unscale(t.optimizer)
+                                params = [p for g in t.optimizer.param_groups for p in g["params"]]
+                                nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+                            speed.step(t.optimizer)
+                        speed.update()
                     loop.seen += len(y)
                 for t in trainees:
                     if t.scheduler is not None:

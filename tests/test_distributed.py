@@ -185,3 +185,27 @@ def test_a_two_process_run_stopped_by_sigterm_continues_in_one_process(tmp_path)
     done = json.loads((resumed / "metrics.json").read_text())
     ref = json.loads((ref_run / "metrics.json").read_text())
     assert done["student"]["test_acc"] == pytest.approx(ref["student"]["test_acc"], abs=0.011)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["features=[fitnet]", "features.fitnet.weight=1", "features.fitnet.hint_epochs=1"],  # the head idle in stage 1
+        ["method=dml"],  # two models trained together
+        ["transfer.init_from_teacher=true", "transfer.freeze=[1]", "transfer.freeze_epochs=1"],  # a freeze ends
+    ],
+    ids=["fitnets-hint", "dml", "freeze"],
+)
+def test_methods_whose_trained_parameters_change_run_in_two_processes(tmp_path, extra):
+    args = ["distill", "teacher=mlp", "student=mlp", "baseline=false", "dataset.limit=600", "augment=none"]
+    args += ["trainer.epochs=2", *extra]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    r1 = run_kd(*args, cwd=one)
+    assert r1.returncode == 0, r1.stdout + r1.stderr
+    r2 = _torchrun(2, *args, cwd=two)
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    m1, m2 = (json.loads((_only_run(d / "runs", "distill") / "metrics.json").read_text()) for d in (one, two))
+    for role in [k for k in m1 if isinstance(m1[k], dict) and "test_acc" in m1[k]]:
+        assert m2[role]["test_acc"] == pytest.approx(m1[role]["test_acc"], abs=0.006), role
