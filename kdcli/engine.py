@@ -104,6 +104,7 @@ class Teacher:
     shift: Optional[torch.Tensor] = None
     taps: Optional[Taps] = None
     cache: Optional[torch.Tensor] = None  # its outputs over the training split, by sample (kdcli/teacher_cache.py)
+    feature_cache: Optional[list[torch.Tensor]] = None  # and those of its tapped layers, when feature terms read them
 
     def outputs(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Its logits for the training batch x (samples idx): looked up when cached, else computed."""
@@ -111,8 +112,12 @@ class Teacher:
             return self(x)
         return self.cache[idx.to(self.cache.device)].to(x.device, non_blocking=True)
 
-    def features(self) -> list[torch.Tensor]:
-        """The outputs of its tapped layers in the last forward (float32)."""
+    def features(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs of its tapped layers for the training batch (samples idx), float32: looked up
+        when cached, else those of its last forward."""
+        if self.feature_cache is not None:
+            i = idx.to(self.feature_cache[0].device)
+            return [f[i].to(idx.device, non_blocking=True) for f in self.feature_cache]
         return [f.float() for f in self.taps.take()] if self.taps else []
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -297,7 +302,7 @@ def fit(
                 if use_teachers:
                     with torch.no_grad(), speed.teacher_autocast(), record_function("kd:teacher"):
                         t_logits = [teacher.outputs(x, idx) for teacher in teachers]
-                        t_feats = [f for teacher in teachers for f in teacher.features()]
+                        t_feats = [f for teacher in teachers for f in teacher.features(idx)]
                 with speed.autocast(), record_function("kd:forward+loss"):
                     total, losses = runner(x, y, idx, t_logits, t_feats)
                 batch_sums = [

@@ -46,13 +46,20 @@ def test_the_cache_serves_only_inputs_that_repeat_each_epoch(tmp_path):
         return OmegaConf.create({"augment": augment, "dataset": {"shift": shift, "flip": flip}, "teacher_cache": cache})
 
     files = [str(_teacher_file(tmp_path, 0)[0])]
-    plain = type("Objective", (), {"features": {}})()
-    with_features = type("Objective", (), {"features": {"fitnet": object()}})()
+    plain = type("Objective", (), {"features": []})()
+
+    def with_features(shape):
+        term = type("FeatureTerm", (), {"teacher_shapes": [shape]})()
+        return type("Objective", (), {"features": [term], "teacher_layers": ["conv2"]})()
+
+    data = type("Data", (), {"train": range(1000)})()
     assert why_not(cfg(), plain, files) is None
     assert why_not(cfg("standard", shift=0), plain, files) is None  # nothing random to apply
     assert "random augmentation" in why_not(cfg("standard"), plain, files)
     assert "random augmentation" in why_not(cfg("standard", shift=0, flip=True), plain, files)
-    assert "feature terms" in why_not(cfg(), with_features, files)
+    assert why_not(cfg(), with_features((32, 7, 7)), files, data) is None  # 6.3 MB of features: cached
+    big = why_not(cfg(), with_features((2**20,)), files, data)  # 4 bytes x 2^20 x 1000 images = 3.9 GiB
+    assert "features at conv2 over the training split would take 3.9 GiB (the cache holds up to 2 GiB)" in big
     assert why_not(cfg(cache="off"), plain, files) == "teacher_cache=off"
     assert "no checkpoint file" in why_not(cfg(), plain, [None])  # a module teacher from the Python API
 
@@ -107,3 +114,43 @@ def test_a_sweep_computes_the_teacher_outputs_once_and_trains_as_without_them(kd
     r = kd("distill", "T=4", *common[:-1], f"teacher.ckpt={newer}")
     assert r.returncode == 0 and "computed once" in r.stdout
     assert len(list((kd.dir / "runs" / "cache" / "teacher_outputs").iterdir())) == 2
+
+
+def test_looked_up_features_equal_the_teachers_own_layers(tmp_path):
+    from kdcli.losses.taps import Taps
+    from kdcli.teacher_cache import _compute
+
+    _, model = _teacher_file(tmp_path, 0)
+    data = DeviceData(load_splits(DATA, "unused"), torch.device("cpu"))
+    stored = _compute([Teacher(model, torch.arange(10))], data, 64, ["conv2", "penultimate"])
+    teacher = Teacher(model, torch.arange(10), cache=stored["outputs"][0], feature_cache=stored["features"])
+    idx = torch.tensor([5, 0, 399, 42])
+    taps = Taps(model, ["conv2", "penultimate"], "teacher", (1, 28, 28))
+    with torch.no_grad():
+        model(data.train.x[idx])
+    for cached, own in zip(teacher.features(idx), taps.take()):
+        torch.testing.assert_close(cached, own, atol=1e-5, rtol=1e-5)
+    taps.remove()
+
+
+@pytest.mark.slow
+def test_feature_terms_use_cached_teacher_features_and_train_as_without_them(kd):
+    r = kd("train-teacher", "dataset.limit=600", "trainer.epochs=1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    common = ["dataset.limit=600", "trainer.epochs=2", "augment=none", "baseline=false", "features=[rkd]"]
+    cached = kd("distill", *common)
+    assert cached.returncode == 0, cached.stdout + cached.stderr
+    fresh = kd("distill", *common, "teacher_cache=off")
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    runs = sorted((kd.dir / "runs" / "distill").iterdir())
+    info = json.loads((runs[0] / "metrics.json").read_text())["teacher_cache"]
+    assert info["used"] and info["computed"] and info["layers"] == ["penultimate"]
+    stored = torch.load(info["path"], weights_only=False)
+    assert stored["layers"] == ["penultimate"] and tuple(stored["features"][0].shape) == (600, 50)  # every image
+
+    def rows(run: Path) -> list[dict]:
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    for a, b in zip(rows(runs[0]), rows(runs[1])):
+        assert a["val_acc"] == pytest.approx(b["val_acc"], abs=0.005)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)

@@ -235,7 +235,8 @@ def build_objective(cfg, data: DeviceData, student, teacher=None, teachers: list
                 f"features.{name} keeps state over the training samples (a memory bank), which several processes "
                 "would each update with their own part of the batches: run it in one process (without torchrun)."
             )
-        features.append(FeatureTerm(name, module, s_layers, t_layers, int(params.get("hint_epochs", 0))))
+        hint_epochs = int(params.get("hint_epochs", 0))
+        features.append(FeatureTerm(name, module, s_layers, t_layers, hint_epochs, shapes.teacher))
         log.info(
             f"features {name}: student {', '.join(f'{n} {s}' for n, s in zip(s_layers, shapes.student))} -> "
             f"teacher {', '.join(f'{n} {s}' for n, s in zip(t_layers, shapes.teacher))}, "

@@ -87,11 +87,14 @@ def confidence_weights(teacher_logits: torch.Tensor, temperature: float) -> torc
 
 
 class FeatureTerm(nn.Module):
-    def __init__(self, name: str, module: nn.Module, student_layers, teacher_layers, hint_epochs: int = 0):
+    def __init__(
+        self, name: str, module: nn.Module, student_layers, teacher_layers, hint_epochs: int = 0, teacher_shapes=()
+    ):
         super().__init__()
         self.name, self.module = name, module
         self.student_layers, self.teacher_layers = list(student_layers), list(teacher_layers)
         self.hint_epochs = hint_epochs
+        self.teacher_shapes = [tuple(s) for s in teacher_shapes]  # per teacher layer, without the batch
 
 
 class Objective(nn.Module):
