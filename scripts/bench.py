@@ -13,7 +13,7 @@ seeds. kd's epoch time includes its validation pass.
 
     python scripts/bench.py                                   # mnist5k, 3 seeds, 10 epochs
     python scripts/bench.py --dataset fashion_mnist --epochs 3 --seeds 0
-    python scripts/bench.py --student lenet5                  # a small conv student
+    python scripts/bench.py --student lenet5 --lr 0.01        # a small conv student
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from kdcli import checkpoint
 from kdcli.data import load_splits
 from kdcli.models import build_model
 
-T, ALPHA, LR, BATCH = 4.0, 0.1, 0.05, 64
+T, ALPHA, BATCH = 4.0, 0.1, 64
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
@@ -76,7 +76,7 @@ def kd_loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def plain_loop(
-    teacher: torch.nn.Module, student_name: str, dataset: dict, data_root: str, epochs: int, seed: int
+    teacher: torch.nn.Module, student_name: str, dataset: dict, data_root: str, epochs: int, seed: int, lr: float
 ) -> dict:
     splits = load_splits(dataset, data_root)
     info = splits.info
@@ -85,7 +85,7 @@ def plain_loop(
     train = Images(splits.train.x, splits.train.y, info.mean, info.std)
     test = Images(splits.test.x, splits.test.y, info.mean, info.std)
     loader = DataLoader(train, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))
     times = []
     for _ in range(epochs):
@@ -140,6 +140,7 @@ def kd_distill(env: dict, runs: Path, teacher: Path, args, seed: int) -> dict:
         f"student={args.student}",
         f"trainer.epochs={args.epochs}",
         f"seed={seed}",
+        f"optimizer.lr={args.lr}",
         "augment=none",
         "baseline=false",
         "device=cpu",
@@ -163,6 +164,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--teacher-epochs", type=int, default=10)
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of both (a conv student wants 0.01)")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     data_root = os.environ.get("KDCLI_DATA", str(Path("~/.cache/kdcli/data").expanduser()))
@@ -187,7 +189,7 @@ def main() -> None:
         ours, plain = [], []
         for seed in seeds:
             ours.append(kd_distill(env, runs, teacher, args, seed))
-            plain.append(plain_loop(model, args.student, dataset, data_root, args.epochs, seed))
+            plain.append(plain_loop(model, args.student, dataset, data_root, args.epochs, seed, args.lr))
     n = plain[0]["train"]
     steps = -(-n // BATCH)
     print(

@@ -1,6 +1,7 @@
 import json
 import logging
 
+import pytest
 import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
@@ -61,3 +62,23 @@ def test_a_collapsed_model_is_reported(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="kdcli"):
         fit(Trainee("student", model, Objective(), meta), data, recipe(epochs=2), run_dir=tmp_path)
     assert "validation accuracy" in caplog.text and "is at chance after 2 epoch(s)" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_optimizers_take_the_fused_update_unless_told_otherwise(name):
+
+    from kdcli.optim import build_optimizer
+
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2))]
+    cfg = OmegaConf.create({"name": name, "lr": 0.1})
+    assert build_optimizer(params, cfg).defaults["fused"] is True
+    chosen = build_optimizer(params, OmegaConf.create({"name": name, "lr": 0.1, "foreach": True}))
+    assert not chosen.defaults["fused"] and chosen.defaults["foreach"] is True
+    # the fused SGD step is the plain formula: p - lr * grad (no momentum or decay set)
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = build_optimizer(
+        [p], OmegaConf.create({"name": "sgd", "lr": 0.5, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0})
+    )
+    p.grad = torch.tensor([0.2, 0.4])
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([0.9, -2.2]))
