@@ -14,6 +14,7 @@ config written for a GPU box must still run in a CPU smoke test.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -48,7 +49,11 @@ class Speed:
                 log.info(f"speed    {', '.join(changed)}: CUDA settings, ignored on {device.type} (float32 here)")
             return cls(device.type)
         dtype, teacher_dtype = DTYPES[asked["precision"]], DTYPES[asked["teacher_precision"]]
-        if device.type == "cuda" and torch.bfloat16 in (dtype, teacher_dtype) and not torch.cuda.is_bf16_supported():
+        if (
+            device.type == "cuda"
+            and torch.bfloat16 in (dtype, teacher_dtype)
+            and not torch.cuda.is_bf16_supported(False)
+        ):
             raise KdError(
                 f"{torch.cuda.get_device_name(device)} has no bfloat16 support: use trainer.precision=fp16 "
                 "(and trainer.teacher_precision=fp16), or fp32."
@@ -67,6 +72,10 @@ class Speed:
 
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def full_precision(self):
+        """Inside autocast: float32 again (the objectives: logits and features come in as float32)."""
+        return torch.autocast(self.device_type, enabled=False) if self.dtype is not None else contextlib.nullcontext()
 
     def layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x

@@ -68,7 +68,8 @@ def init() -> None:
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank() % torch.cuda.device_count())
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    # Long: the other ranks wait while rank 0 alone downloads a dataset or computes the teacher cache
+    dist.init_process_group(backend=backend, timeout=timedelta(hours=2))
 
 
 def close() -> None:
@@ -139,6 +140,24 @@ def most(value: int) -> int:
     return int(t.item())
 
 
+def most_inplace(t) -> None:
+    """t becomes its largest value over the ranks, on t's own device (NCCL on a GPU: no wait)."""
+    if active():
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+
+
+def sync_buffers(module) -> None:
+    """Rank 0's buffers (batch-norm running statistics) on every rank: each rank updated its own
+    with its part of the batches, and validation must see the same model everywhere."""
+    if active():
+        import torch.distributed as dist
+
+        for b in module.buffers():
+            dist.broadcast(b, src=0)
+
+
 def all_sum(t):
     """The sum over ranks of the tensor t (a copy; t itself is left as it is)."""
     if not active():
@@ -156,8 +175,9 @@ def part(n: int) -> tuple[int, int]:
 
 def wrap(module):
     """The module in DistributedDataParallel when several processes train (else itself).
-    find_unused_parameters: a step may leave some parameters out (FitNets' hint stage trains the
-    student's lower layers only)."""
+    static_graph: the parameters a step uses are found in the first step and are the same in
+    every step of a loop, also when some are left out (FitNets' hint stage trains the student's
+    lower layers only)."""
     if not active():
         return module
     from torch.nn.parallel import DistributedDataParallel

@@ -172,7 +172,7 @@ class _Step(nn.Module):
 
     def __init__(self, trainees: list[Trainee], speed: Speed):
         super().__init__()
-        self.trainees = trainees
+        self.trainees, self.speed = trainees, speed
         self.models = nn.ModuleList(t.model for t in trainees)
         self.objectives = nn.ModuleList(t.objective for t in trainees)
         self.forwards = [speed.forward_of(t.model) for t in trainees]
@@ -183,7 +183,17 @@ class _Step(nn.Module):
             logits = run(x)
             feats = t.taps.take() if t.taps else []
             source_feats = t.source_taps.take() if t.source_taps else []
+            if self.speed.dtype is not None:  # the objectives in float32: distances and Gram matrices cancel in bf16
+                logits, feats, source_feats = (
+                    logits.float(),
+                    [f.float() for f in feats],
+                    [f.float() for f in source_feats],
+                )
             outs[t.role] = (logits, feats, source_feats)
+        with self.speed.full_precision():
+            return self._losses(outs, y, idx, t_logits, t_feats)
+
+    def _losses(self, outs: dict, y, idx, t_logits, t_feats):
         total, losses = 0.0, []
         for t in self.trainees:
             logits, feats, _ = outs[t.role]
@@ -235,7 +245,9 @@ def fit(
     steps = epoch_steps(data, tcfg)
     for t in trainees:
         params = list(t.model.parameters()) + list(t.objective.parameters())
-        t.optimizer = build_optimizer(params, cfg.optimizer)
+        # (a freeze that ends mid-run gives some parameters their first gradient late, which the
+        # fused SGD kernel does not take: the per-tensor update then)
+        t.optimizer = build_optimizer(params, cfg.optimizer, fused=not t.freeze)
         t.scheduler = build_scheduler(t.optimizer, cfg.scheduler, steps, epochs)
     speed = Speed.of(tcfg, data.device)
     for t in trainees:
@@ -246,6 +258,11 @@ def fit(
     step_module = _Step(trainees, speed)
     runner, trainable = step_module, None
     global_batch = min(tcfg.batch_size, len(data.train))  # under several processes, each takes a part of it
+    if global_batch < distributed.world():
+        raise KdError(
+            f"trainer.batch_size={global_batch} is split between {distributed.world()} processes: each needs one "
+            "image at least. Raise trainer.batch_size or start fewer processes."
+        )
     if distributed.active():
         log.info(
             f"parallel {distributed.world()} processes: each takes its part of every batch of {global_batch}, "
@@ -341,6 +358,7 @@ def fit(
                 loop.save_if_due(started)
             loop.end_epoch(epoch)
             for t in trainees:
+                distributed.sync_buffers(t.model)
                 _end_epoch(keep, t, loop, epoch, sched[t.role], run_dir, t0)
             loop.save(started)
             interrupt.check()  # a signal during validation: the epoch's state is saved, stop here
@@ -437,7 +455,9 @@ class _Loop:
             self.skipped_total += 1
             self.first_skip = self.first_skip or step + 1
             return False
-        self.bad = torch.where(~finite & (self.bad < 0), global_step, self.bad)
+        nonfinite = (~finite).to(torch.int64)
+        distributed.most_inplace(nonfinite)  # a NaN on one rank reaches every rank's weights: all must stop
+        self.bad = torch.where((nonfinite > 0) & (self.bad < 0), global_step, self.bad)
         self.lrs[global_step] = self.trainees[0].optimizer.param_groups[0]["lr"]
         return True
 

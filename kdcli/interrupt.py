@@ -87,18 +87,21 @@ def training():
 def requested_anywhere() -> int | None:
     """The signal received by this process or, under several processes, by any of them: they all
     stop at the same step (every rank calls this at the same points)."""
-    if distributed.active():
-        signum = distributed.most(_State.requested or 0)
-        if signum and _State.requested is None:
-            _State.requested = signum
-    return _State.requested
+    if not distributed.active():
+        return _State.requested
+    # The decision is the reduced value alone: a signal landing after the reduction waits for the next
+    signum = distributed.most(_State.requested or 0)
+    if signum and _State.requested is None:
+        _State.requested = signum
+    return signum or None
 
 
 def check() -> None:
     """Raise Interrupted if a signal was received, here or by another rank (the loop calls this at
     a safe point)."""
-    if requested_anywhere() is not None:
-        raise Interrupted(_State.requested)
+    signum = requested_anywhere()
+    if signum is not None:
+        raise Interrupted(signum)
 
 
 def ignore_in_worker(_worker_id: int = 0) -> None:

@@ -20,7 +20,9 @@ def _fusable(params) -> bool:
     return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
-def build_optimizer(params, cfg) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg, fused: bool = True) -> torch.optim.Optimizer:
+    """The optimizer cfg names over params; with `fused` (and unless cfg sets foreach or fused), its
+    fused update where torch has one for these parameters."""
     cls = OPTIMIZER_CLASSES[cfg.name]
     kwargs = group_kwargs(cfg)
     allowed = set(inspect.signature(cls).parameters) - {"params"}
@@ -33,7 +35,7 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     params = list(params)
-    if not {"fused", "foreach"} & set(kwargs) and "fused" in allowed and _fusable(params):
+    if fused and not {"fused", "foreach"} & set(kwargs) and "fused" in allowed and _fusable(params):
         # One kernel for the whole update instead of a loop over tensors: on a small model the
         # loop's overhead was a fifth of a training step (scripts/profile_step.py).
         kwargs["fused"] = True

@@ -77,15 +77,25 @@ def test_mixed_precision_runs_the_step_and_the_teacher_each_in_its_own(
     torch.manual_seed(0)
     student, teacher = build_model("mlp", (1, 28, 28), 10), build_model("mlp", (1, 28, 28), 10)
     s_spy, t_spy = _Spy(student), _Spy(teacher)
-    steps = []
+    steps, objective_inputs = [], []
     original = Speed.step
     monkeypatch.setattr(Speed, "step", lambda self, opt: (steps.append(self.scaler is not None), original(self, opt)))
+    from kdcli.losses import Objective
+
+    forward = Objective.forward
+
+    def spied(self, s_logits, *args, **kw):
+        objective_inputs.append((s_logits.dtype, torch.is_autocast_enabled("cpu")))
+        return forward(self, s_logits, *args, **kw)
+
+    monkeypatch.setattr(Objective, "forward", spied)
     result = _distill(tmp_path, student, teacher, precision=precision, teacher_precision=teacher_precision)
     assert s_spy.dtypes(in_step=True) == {accel.DTYPES[precision]}  # the student's step under autocast
     assert s_spy.dtypes(in_step=False) == {torch.float32}  # validation and test: float32
     assert t_spy.dtypes(in_step=True) == {accel.DTYPES[teacher_precision] or torch.float32}  # its own precision
     assert t_spy.dtypes(in_step=False) == {torch.float32}  # its reported accuracy: float32
     assert steps and all(s == (precision == "fp16") for s in steps)  # the scaler steps fp16 only
+    assert set(objective_inputs) == {(torch.float32, False)}  # the loss itself in float32, autocast off
     assert all(p.dtype is torch.float32 for p in student.parameters())  # master weights stay float32
     monkeypatch.undo()
     torch.manual_seed(0)

@@ -130,10 +130,34 @@ def test_two_processes_follow_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_memory_bank_loss_is_refused_under_two_processes(tmp_path):
-    r = _torchrun(2, "distill", "teacher=mlp", "student=mlp", "features=[crd]", "debug=smoke", cwd=tmp_path)
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["features=[crd]"], "features.crd keeps state over the training samples"),
+        (["trainer.batch_size=1"], "trainer.batch_size=1 is split between 2 processes: each needs one image at least"),
+    ],
+)
+def test_what_two_processes_cannot_share_is_refused(tmp_path, args, message):
+    r = _torchrun(2, "distill", "teacher=mlp", "student=mlp", "debug=smoke", *args, cwd=tmp_path)
     assert r.returncode != 0
-    assert "features.crd keeps state over the training samples" in " ".join(r.stdout.split())
+    assert message in " ".join(r.stdout.split())
+
+
+def test_a_non_finite_loss_on_another_rank_stops_this_one_at_the_same_step(monkeypatch):
+    """nonfinite=stop: the step's finite flag is reduced over the ranks (here: another rank saw a NaN)."""
+    from omegaconf import OmegaConf
+
+    from kdcli.engine import _Loop
+
+    monkeypatch.setattr(distributed, "most_inplace", lambda t: t.fill_(1))
+    data = type("Data", (), {"device": torch.device("cpu")})()
+    cfg = OmegaConf.create({"seed": 0, "trainer": {"save_every_min": None, "nonfinite": "stop"}})
+    trainee = type(
+        "T", (), {"role": "student", "optimizer": torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)}
+    )()
+    loop = _Loop([trainee], data, cfg, Path("unused"), epochs=2, steps=10, speed=None)
+    assert loop.step_is_finite(torch.tensor(1.0), epoch=2, step=3)  # the step runs (the check is deferred)
+    assert int(loop.bad) == 14  # step 4 of epoch 2, recorded though this rank's loss was finite
 
 
 @pytest.mark.slow

@@ -90,7 +90,11 @@ def obtain_teacher(cfg, data: DeviceData, ctx: Context) -> tuple:
     else:
         spec = model_spec(cfg.teacher)
         unfinished = ctx.previous.get("teacher_run") if ctx.resume else None
-        path = None if unfinished else find_teacher_run(cfg.runs_dir, spec, dataset_cfg)
+        path = (
+            None
+            if unfinished
+            else distributed.decided_by_main(lambda: find_teacher_run(cfg.runs_dir, spec, dataset_cfg))
+        )
         source = "latest train-teacher run"
         if path is None:
             if unfinished:

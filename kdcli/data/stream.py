@@ -225,7 +225,8 @@ def open_data(splits: Splits, device: torch.device, shift: int = 0, flip: bool =
         raise KdError(f"dataset.storage={storage}: choose auto (from the size), memory or stream.")
     if storage == "auto":
         need, budget = float_bytes(splits), memory_budget(device)
-        storage = "memory" if need <= budget else "stream"
+        # Several processes take rank 0's choice: memory and stream shuffle differently on a GPU
+        storage = distributed.same("memory" if need <= budget else "stream")
         if storage == "stream":
             log.info(
                 f"data     {need / 2**30:.1f} GiB as float32 exceeds the {budget / 2**30:.1f} GiB budget on {device}: "
