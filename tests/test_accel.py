@@ -63,10 +63,12 @@ class _Spy:
         return {dtype for step, dtype, _ in self.seen if step == in_step}
 
 
-def _distill(tmp_path, student, teacher, **trainer):
+def _distill(tmp_path, student, teacher, features=None, **trainer):
     data = kdcli.load_data("mnist5k", device="cpu", limit=600, augment="none")
     overrides = [f"trainer.{k}={v}" for k, v in trainer.items()]
-    return kdcli.distill(teacher, student, data, epochs=2, run_dir=tmp_path / "run", overrides=overrides)
+    return kdcli.distill(
+        teacher, student, data, epochs=2, run_dir=tmp_path / "run", overrides=overrides, features=features
+    )
 
 
 @pytest.mark.parametrize("precision, teacher_precision", [("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp16")])
@@ -116,7 +118,10 @@ def test_channels_last_reaches_a_conv_students_inputs_and_weights(tmp_path, monk
 
 
 @pytest.mark.slow
-def test_compile_compiles_the_students_forward(tmp_path, monkeypatch):
+@pytest.mark.parametrize("features", [None, ["rkd"]], ids=["logits", "with-feature-hooks"])
+def test_compile_compiles_the_students_forward(tmp_path, monkeypatch, features):
+    """Also with a feature term, whose forward hook (the `penultimate` tap) runs inside the compiled
+    forward: the same training as the eager run, and a fixed number of graphs (no recompiling per step)."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(accel, "APPLY_ON", {"cuda", "cpu"})
@@ -124,9 +129,9 @@ def test_compile_compiles_the_students_forward(tmp_path, monkeypatch):
     counters.clear()
     torch.manual_seed(0)
     student, teacher = build_model("mlp", (1, 28, 28), 10), build_model("mlp", (1, 28, 28), 10)
-    plain = _distill(tmp_path / "plain", copy.deepcopy(student), teacher)  # the same initial weights
-    compiled = _distill(tmp_path / "compiled", student, teacher, compile=True)
-    assert counters["stats"]["unique_graphs"] >= 1
+    plain = _distill(tmp_path / "plain", copy.deepcopy(student), teacher, features)  # the same initial weights
+    compiled = _distill(tmp_path / "compiled", student, teacher, features, compile=True)
+    assert 1 <= counters["stats"]["unique_graphs"] <= 8  # 2 epochs x 9 steps: compiled once, not per step
     assert compiled.metrics["val_acc"] == pytest.approx(plain.metrics["val_acc"], abs=0.01)
 
 
