@@ -22,12 +22,14 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from kdcli.config import TrainerConfig
 from kdcli.errors import KdError
 
 log = logging.getLogger("kdcli")
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULTS = {"precision": "fp32", "channels_last": False, "compile": False, "teacher_precision": "fp32"}
+KEYS = ("precision", "channels_last", "compile", "teacher_precision")
+DEFAULTS = {k: getattr(TrainerConfig(), k) for k in KEYS}  # the schema's
 APPLY_ON = {"cuda"}  # device types where the settings take effect (tests add "cpu" to run these paths)
 
 
@@ -70,8 +72,12 @@ class Speed:
             log.info(f"speed    {', '.join(changed)}")
         return speed
 
+    def _autocast(self, dtype: Optional[torch.dtype]):
+        return torch.autocast(self.device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
     def autocast(self):
-        return torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+        """The models' forward in a training step: in precision."""
+        return self._autocast(self.dtype)
 
     def full_precision(self):
         """Inside autocast: float32 again (the objectives: logits and features come in as float32)."""
@@ -90,8 +96,7 @@ class Speed:
 
     def teacher_autocast(self):
         """The teacher's forward: in teacher_precision, whatever the student's step runs in."""
-        dtype = self.teacher_dtype
-        return torch.autocast(self.device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        return self._autocast(self.teacher_dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()

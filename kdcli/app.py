@@ -180,7 +180,7 @@ def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: Dict
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     logging.raiseExceptions = False  # a full disk must not turn every log line into a traceback
-    previous = distributed.same(resume.read_metrics(run_dir))  # as rank 0 read it, before it writes there
+    previous = distributed.decided_by_main(lambda: resume.read_metrics(run_dir))  # read before rank 0 writes there
     metrics = run_record(command, list(hc.overrides.task))
     finish = finisher(run_dir, metrics)
 

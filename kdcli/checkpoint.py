@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from kdcli import distributed
 from kdcli.errors import KdError
 from kdcli.files import atomic_write
 from kdcli.models import build_model
@@ -25,6 +26,8 @@ VERSION = 1
 
 
 def save(path: Path, model: nn.Module, *, arch: dict, data: dict, role: str, **extra: Any) -> None:
+    if not distributed.is_main():  # several processes: rank 0 writes (not even the CPU copy here)
+        return
     """arch = {"name", "kwargs"}; data = DataInfo.to_dict() plus "dataset" (its config). A model being
     pruned is saved plain (weight = orig * mask): the file loads into the architecture as built."""
     ckpt = {

@@ -314,9 +314,12 @@ def validate(cfg: DictConfig, command: str) -> None:
             f"trainer.nonfinite={cfg.trainer.nonfinite}: choose stop (end the run at a NaN/inf loss) or skip "
             "(skip that step).",
         )
+        from kdcli.accel import DTYPES
+
         for key in ("precision", "teacher_precision"):
             value = cfg.trainer.get(key, "fp32")
-            _check(value in ("fp32", "bf16", "fp16"), f"trainer.{key}={value}: choose fp32, bf16 or fp16.")
+            *others, last = DTYPES
+            _check(value in DTYPES, f"trainer.{key}={value}: choose {', '.join(others)} or {last}.")
         _check(
             cfg.trainer.label_smoothing < 1,
             f"trainer.label_smoothing must be in [0, 1) (got {cfg.trainer.label_smoothing}).",

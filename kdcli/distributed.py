@@ -186,4 +186,7 @@ def wrap(module):
     if not params:
         return module
     device = next(iter(params)).device
-    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None, static_graph=True)
+    # broadcast_buffers=False: batch-norm statistics are read in validation only, and sync_buffers gives
+    # every rank rank 0's before it (rather than a broadcast at every training forward)
+    devices = [device] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=devices, static_graph=True, broadcast_buffers=False)

@@ -352,9 +352,10 @@ def fit(
                         t.pruner.update((epoch - 1) * steps + step + 1)
                 loop.step = step + 1
                 advance()
-                if interrupt.requested_anywhere() is not None:
+                signum = interrupt.requested_anywhere()
+                if signum is not None:
                     loop.save(started)
-                    interrupt.check()
+                    raise interrupt.Interrupted(signum)
                 loop.save_if_due(started)
             loop.end_epoch(epoch)
             for t in trainees:

@@ -122,4 +122,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def append_jsonl(path: Path, row: dict) -> None:
     """Append one row, rewriting the (small) file atomically: a kill never leaves half a line."""
+    if not distributed.is_main():  # several processes: rank 0 writes (and reads the file for it)
+        return
     write_jsonl(path, read_jsonl(path) + [row])

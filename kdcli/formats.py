@@ -284,7 +284,9 @@ def _open_onnx(path: Path, threads: int) -> ModelFile:
         graph = onnx.load(str(path)).graph
         return {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
 
-    return ModelFile(path, "onnx", card, run, torch.device("cpu"), None, threads, weights)
+    # int8 files hold no float weights by parameter name: nothing to read for sparsity
+    float_weights = None if "quantization" in (card or {}) else weights
+    return ModelFile(path, "onnx", card, run, torch.device("cpu"), None, threads, float_weights)
 
 
 def _open_safetensors(path: Path, threads: int) -> ModelFile:

@@ -69,22 +69,14 @@ def target_sparsity(step: int, initial: float, final: float, start: int, end: in
     return final + (initial - final) * (1 - (step - start) / (end - start)) ** power
 
 
-@torch.no_grad()
 def _bypassed(model: nn.Module, input_shape) -> list[str]:
     """Prunable layers whose forward never runs: attention blocks (nn.MultiheadAttention,
     torchvision's Swin) read their projections' .weight directly, so prune's forward pre-hook,
     which applies the mask, would never fire for them."""
-    called: set[str] = set()
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: called.add(n)) for n, m in prunable(model)]
-    was_training = model.training
-    try:
-        param = next(model.parameters())
-        model.eval()(torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return [n for n, _ in prunable(model) if n not in called]
+    from kdcli.losses.taps import layer_shapes
+
+    ran = layer_shapes(model, input_shape)  # the modules whose forward ran on one input
+    return [n for n, _ in prunable(model) if n not in ran]
 
 
 def plan(node, total_steps: int, model: nn.Module, input_shape=None) -> dict:

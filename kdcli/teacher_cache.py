@@ -49,11 +49,11 @@ def why_not(cfg, objective, teacher_paths: list, data=None) -> str | None:
         return "a teacher given as a module (kdcli.distill) has no checkpoint file to key the outputs by"
     if any(augmentation(cfg)):
         return "random augmentation (augment=standard with dataset.shift/flip): the teachers see each augmented batch"
-    if objective.features and data is not None and feature_bytes(objective, data) > FEATURE_LIMIT:
-        size = feature_bytes(objective, data) / 2**30
+    size = feature_bytes(objective, data) if objective.features and data is not None else 0
+    if size > FEATURE_LIMIT:
         return (
             f"the teacher's features at {', '.join(objective.teacher_layers)} over the training split would take "
-            f"{size:.1f} GiB (the cache holds up to {FEATURE_LIMIT / 2**30:.0f} GiB); a later layer is smaller"
+            f"{size / 2**30:.1f} GiB (the cache holds up to {FEATURE_LIMIT / 2**30:.0f} GiB); a later layer is smaller"
         )
     return None
 
@@ -106,7 +106,7 @@ def _compute(teachers: list[Teacher], data, batch_size: int, layers: list[str]) 
         logits, parts = [], []
         try:
             for x in batches(data.train, batch_size):
-                logits.append(t(x).float().cpu())
+                logits.append(t(x).cpu())  # float32 (Teacher.__call__)
                 if taps is not None:
                     parts.append([f.float().cpu() for f in taps.take()])
         finally:
@@ -128,7 +128,8 @@ def attach(cfg, data, teachers: list[Teacher], teacher_paths: list[str], objecti
         return {"used": False, "reason": reason}
     t0 = time.perf_counter()
     layers = objective.teacher_layers if objective.features else []
-    key = fingerprint(teacher_paths, data, dataset_config(cfg), layers)
+    # rank 0 hashes the checkpoint files (several processes: the others take its key)
+    key = distributed.decided_by_main(lambda: fingerprint(teacher_paths, data, dataset_config(cfg), layers))
     path = Path(cfg.runs_dir).expanduser() / "cache" / "teacher_outputs" / f"{key}.pt"
     with distributed.main_first():  # several processes: rank 0 computes and stores, the others read its file
         stored = _read(path, teachers, len(data.train), layers) if path.is_file() else None

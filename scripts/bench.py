@@ -19,7 +19,6 @@ seeds. kd's epoch time includes its validation pass.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -36,7 +35,9 @@ from torchvision import transforms
 
 from kdcli import checkpoint
 from kdcli.data import load_splits
+from kdcli.files import read_jsonl
 from kdcli.models import build_model
+from kdcli.resume import read_metrics
 
 T, ALPHA, BATCH = 4.0, 0.1, 64
 
@@ -146,9 +147,8 @@ def kd_distill(env: dict, runs: Path, teacher: Path, args, seed: int) -> dict:
         "device=cpu",
     )
     run = newest(runs / "distill")
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    times = [r["epoch_s"] for r in rows if r["role"] == "student"]
-    metrics = json.loads((run / "metrics.json").read_text())
+    times = [r["epoch_s"] for r in read_jsonl(run / "metrics.jsonl") if r["role"] == "student"]
+    metrics = read_metrics(run)
     return {
         "epoch_s": statistics.median(times),
         "test_acc": metrics["student"]["test_acc"],

@@ -9,12 +9,22 @@ from hydra.core.global_hydra import GlobalHydra
 REPO = Path(__file__).resolve().parents[1]
 
 
+def kd_env(cwd: Path, **extra: str) -> dict:
+    """The environment of a `kd` subprocess: runs and data under cwd, wide output, no tracebacks."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(KDCLI_RUNS=str(cwd / "runs"), KDCLI_DATA=str(cwd / "data"), COLUMNS="200", **extra)
+    return env
+
+
 def run_kd(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the real `kd` command (as `python -m kdcli`) in a subprocess."""
-    full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    full_env.update(KDCLI_RUNS=str(cwd / "runs"), KDCLI_DATA=str(cwd / "data"), COLUMNS="200", **(env or {}))
     return subprocess.run(
-        [sys.executable, "-m", "kdcli", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "kdcli", *args],
+        cwd=cwd,
+        env=kd_env(cwd, **(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

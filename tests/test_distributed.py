@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_kd
+from conftest import kd_env, run_kd
 
 from kdcli import distributed
 from kdcli.data import DeviceData, load_splits
@@ -50,8 +50,12 @@ def test_the_ranks_parts_make_up_the_one_process_batches(monkeypatch, storage, w
     assert not torch.allclose(whole[0][0], plain, atol=1e-3)  # the batches are augmented
 
 
-def test_a_batch_smaller_than_the_world_size_is_shared_out():
-    assert [(r * 5 // 3, (r + 1) * 5 // 3) for r in range(3)] == [(0, 1), (1, 3), (3, 5)]
+def test_a_batch_smaller_than_the_world_size_is_shared_out(monkeypatch):
+    parts = []
+    for r in range(3):
+        _as_rank(monkeypatch, r, 3)
+        parts.append(distributed.part(5))
+    assert parts == [(0, 1), (1, 3), (3, 5)]
 
 
 def test_outside_torchrun_everything_is_rank_0_of_1():
@@ -77,11 +81,14 @@ def test_what_torchrun_cannot_run_is_refused(tmp_path, args, env, message):
     assert "Traceback" not in r.stdout + r.stderr
 
 
+def _torchrun_cmd(n: int, *args: str) -> list[str]:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+    return [*torchrun, "-m", "kdcli", *args]
+
+
 def _torchrun(n: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(KDCLI_RUNS=str(cwd / "runs"), KDCLI_DATA=str(cwd / "data"), COLUMNS="200", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
-    return subprocess.run([*cmd, "-m", "kdcli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    env = kd_env(cwd, OMP_NUM_THREADS="1")
+    return subprocess.run(_torchrun_cmd(n, *args), cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _only_run(runs: Path, command: str) -> Path:
@@ -180,10 +187,10 @@ def test_a_two_process_run_stopped_by_sigterm_continues_in_one_process(tmp_path)
     assert reference.returncode == 0, reference.stdout + reference.stderr
     (ref_run,) = (tmp_path / "runs" / "distill").iterdir()
 
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(KDCLI_RUNS=str(tmp_path / "runs"), KDCLI_DATA=str(tmp_path / "data"), COLUMNS="200", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdcli", *args]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = kd_env(tmp_path, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        _torchrun_cmd(2, *args), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     live = lambda: [d for d in (tmp_path / "runs" / "distill").iterdir() if d != ref_run]  # noqa: E731
     end = time.time() + 300
     while not any((d / "metrics.jsonl").is_file() for d in live()):

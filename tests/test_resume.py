@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kd_env
 
 from kdcli import checkpoint
 from kdcli import resume as resume_mod
@@ -28,12 +29,10 @@ LONG_EPOCHS = [*TEACHER[:2], "trainer.batch_size=4", *TEACHER[3:]]
 
 
 def start(cwd: Path, *args: str, new_session: bool = False) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(KDCLI_RUNS=str(cwd / "runs"), KDCLI_DATA=str(cwd / "data"), COLUMNS="200")
     return subprocess.Popen(
         [sys.executable, "-m", "kdcli", *args],
         cwd=cwd,
-        env=env,
+        env=kd_env(cwd),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -268,6 +267,7 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_readable_files(kd):
 
 NAN_MODEL = """
 import torch
+from conftest import kd_env
 import torch.nn as nn
 from kdcli.registry import MODELS
 

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from kdcli import checkpoint
 from kdcli.data import DeviceData, load_splits
 from kdcli.engine import Teacher
+from kdcli.files import read_jsonl
 from kdcli.models import build_model
 from kdcli.teacher_cache import fingerprint, why_not
 
@@ -99,11 +100,8 @@ def test_a_sweep_computes_the_teacher_outputs_once_and_trains_as_without_them(kd
         "reason": "teacher_cache=off",
     }
 
-    def rows(run: Path) -> list[dict]:
-        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
     # the same training: cached outputs differ from per-batch ones only by float rounding
-    for cached, fresh in zip(rows(sweep / "1"), rows(off)):
+    for cached, fresh in zip(read_jsonl(sweep / "1" / "metrics.jsonl"), read_jsonl(off / "metrics.jsonl")):
         assert cached["val_acc"] == pytest.approx(fresh["val_acc"], abs=0.005)
         assert cached["train_loss"] == pytest.approx(fresh["train_loss"], rel=1e-3)
 
@@ -148,9 +146,6 @@ def test_feature_terms_use_cached_teacher_features_and_train_as_without_them(kd)
     stored = torch.load(info["path"], weights_only=False)
     assert stored["layers"] == ["penultimate"] and tuple(stored["features"][0].shape) == (600, 50)  # every image
 
-    def rows(run: Path) -> list[dict]:
-        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-    for a, b in zip(rows(runs[0]), rows(runs[1])):
+    for a, b in zip(read_jsonl(runs[0] / "metrics.jsonl"), read_jsonl(runs[1] / "metrics.jsonl")):
         assert a["val_acc"] == pytest.approx(b["val_acc"], abs=0.005)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
