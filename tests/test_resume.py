@@ -267,7 +267,6 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_readable_files(kd):
 
 NAN_MODEL = """
 import torch
-from conftest import kd_env
 import torch.nn as nn
 from kdcli.registry import MODELS
 
