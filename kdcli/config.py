@@ -121,6 +121,8 @@ class EvaluateConfig(CommonConfig):
     eval_batch_size: int = 1000
     labels: List[str] = field(default_factory=list)  # names for the table, one per model
     figures: bool = True  # confusion.png, reliability.png, tradeoff.png
+    # TorchScript and torch.export files are programs: loading one runs its code. Read only when true.
+    trust_programs: bool = False
     latency: LatencyConfig = field(default_factory=LatencyConfig)
 
 

@@ -170,26 +170,45 @@ class ModelFile:
         return self.card["role"] + (f" ({', '.join(bits)})" if bits else "")
 
 
+# Formats whose files are programs: loading one unpickles the objects it holds (torch.export
+# falls back to a full pickle for its sample inputs, weights and constants) and runs its code, so
+# it runs whatever its author put there. Checkpoints (weights_only=True), ONNX (protobuf) and
+# safetensors (no pickle) are data, read by default.
+PROGRAMS = {"torchscript": "TorchScript", "torch_export": "torch.export"}
+
+
 def detect(path: Path) -> str:
+    """The format of a model file, from its name and, for zip files, its members (read from the
+    zip's directory, nothing unpickled): a program renamed to .pt is still a program."""
     name = path.name.lower()
     if name.endswith(".onnx"):
         return "onnx"
     if name.endswith(".safetensors"):
         return "safetensors"
-    if name.endswith(".pt2"):
-        return "torch_export"
-    if zipfile.is_zipfile(path):
+    try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
-        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
-            return "torchscript"
+    except (zipfile.BadZipFile, OSError):
+        names = []
+    if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+        return "torchscript"
+    if name.endswith(".pt2") or any(n.endswith("/archive_format") or n == "archive_format" for n in names):
+        return "torch_export"
     return "checkpoint"
 
 
-def open_model(path: str | Path, device: torch.device | None = None) -> ModelFile:
-    """Any model file kdcli writes; a file that is none of them, or has no card, is a KdError.
-    Checkpoints run on `device` (default CPU); exported formats on the CPU, with PyTorch's
-    thread count."""
+def untrusted(path: Path, fmt: str) -> KdError:
+    return KdError(
+        f"Refusing to load {path}: it is a {PROGRAMS[fmt]} program, and loading one runs the code and pickled "
+        "objects it holds. Evaluate its checkpoint, .onnx or .safetensors file instead, or pass "
+        "trust_programs=true if you made this file or trust whoever did."
+    )
+
+
+def open_model(path: str | Path, device: torch.device | None = None, trust_programs: bool = False) -> ModelFile:
+    """Any model file kdcli writes; a file that is none of them, or has no card, is a KdError, and
+    so is a program (TorchScript, torch.export) unless trust_programs. Checkpoints run on `device`
+    (default CPU); exported formats on the CPU, with PyTorch's thread count."""
     path = Path(path).expanduser()
     device = device or torch.device("cpu")
     if not path.is_file():
@@ -197,6 +216,8 @@ def open_model(path: str | Path, device: torch.device | None = None) -> ModelFil
             f"Model file not found: {path}. Check the path (relative paths start from the current directory)."
         )
     fmt = detect(path)
+    if fmt in PROGRAMS and not trust_programs:  # before a byte of it is unpickled
+        raise untrusted(path, fmt)
     threads = torch.get_num_threads()
     if fmt == "checkpoint":
         ck = checkpoint.load(path)
@@ -281,8 +302,10 @@ def _open_onnx(path: Path, threads: int) -> ModelFile:
         import onnx
         from onnx import numpy_helper
 
-        graph = onnx.load(str(path)).graph
-        return {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
+        # Tensors kept in other files are skipped: the file's own bytes say where they are
+        graph = onnx.load(str(path), load_external_data=False).graph
+        inside = (t for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL)
+        return {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in inside}
 
     # int8 files hold no float weights by parameter name: nothing to read for sparsity
     float_weights = None if "quantization" in (card or {}) else weights

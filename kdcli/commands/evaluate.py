@@ -59,6 +59,17 @@ def _select(cfg) -> list[Path]:
     return _checkpoints_of_run(run)
 
 
+def _refuse_programs(paths: list[Path], cfg) -> None:
+    """A program among the files (TorchScript, torch.export: loading one runs its code) is refused
+    before any model is loaded, unless trust_programs=true."""
+    if cfg.trust_programs:
+        return
+    reference = [Path(cfg.reference).expanduser().resolve()] if cfg.reference else []
+    for path in paths + reference:
+        if path.is_file() and (fmt := formats.detect(path)) in formats.PROGRAMS:
+            raise formats.untrusted(path, fmt)
+
+
 def _same_data(cards: list[tuple[Path, dict]]) -> dict:
     """The data of the first model, after checking that all were trained on the same split of
     the same dataset (otherwise their test sets, and so their accuracies, differ)."""
@@ -125,7 +136,8 @@ def _run(cfg, ctx: Context) -> dict:
     paths = _select(cfg)
     if cfg.labels and len(cfg.labels) != len(paths):
         raise KdError(f"labels has {len(cfg.labels)} entries for {len(paths)} models: give one label per model.")
-    models = [formats.open_model(p, ctx.device) for p in paths]
+    _refuse_programs(paths, cfg)
+    models = [formats.open_model(p, ctx.device, cfg.trust_programs) for p in paths]
     data_info = _same_data([(m.path, m.card) for m in models])
     split = checkpoint_data(data_info, cfg.data_root, ctx.device).split(cfg.split)
     if cfg.limit:
@@ -176,7 +188,7 @@ def _reference(cfg, models, logits, split, data_info) -> tuple[Path | None, torc
         for m, out in zip(models, logits):
             if m.path == path:
                 return path, out
-        ref = formats.open_model(path, models[0].device)
+        ref = formats.open_model(path, models[0].device, cfg.trust_programs)
         _same_data([(models[0].path, models[0].card), (path, ref.card)])
         return path, ref.logits(split, cfg.eval_batch_size)
     for m, out in zip(models, logits):

@@ -47,7 +47,8 @@ def source_checkpoint(cfg, verb: str = "export") -> Path:
     return path
 
 
-def export_file(fmt: str, model, x: torch.Tensor, target: Path, card: dict, opset: int, source: Path) -> None:
+def export_file(fmt: str, model, x: torch.Tensor, target: Path, card: dict, opset: int, source: Path) -> tuple:
+    """Write one export; returns the identity of the file written (see `check`)."""
     try:
         # an example batch of 2: with 1, torch.export would fix the batch axis to 1
         formats.EXPORTERS[fmt](model, x[:2].clone(), target, card, opset)
@@ -55,11 +56,23 @@ def export_file(fmt: str, model, x: torch.Tensor, target: Path, card: dict, opse
         raise
     except Exception as e:  # exporters raise many types; name the format and the cause
         raise KdError(f"{fmt} export of {source} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    return identity(target)
 
 
-def check(target: Path, x: torch.Tensor, reference: torch.Tensor, batch_size: int, atol: float) -> dict:
-    """Read an exported file back with its runtime and compare its logits with PyTorch's."""
-    got = formats.open_model(target).logits(x, batch_size)
+def identity(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def check(
+    target: Path, x: torch.Tensor, reference: torch.Tensor, batch_size: int, atol: float, written: tuple | None = None
+) -> dict:
+    """Read an exported file back with its runtime and compare its logits with PyTorch's. A program
+    (TorchScript, torch.export) is loaded, which runs its code: only the file this process has just
+    written (`written`, its identity) is trusted so, not one that replaced it since."""
+    if written is not None and identity(target) != written:
+        raise KdError(f"{target} changed after kd export wrote it (another process?); it is not read back.")
+    got = formats.open_model(target, trust_programs=written is not None).logits(x, batch_size)
     return {
         "path": str(target),
         "max_abs_diff": (got - reference).abs().max().item(),
@@ -83,8 +96,8 @@ def run(cfg, ctx: Context) -> dict:
     results = {}
     for fmt in cfg.formats:
         target = out_dir / f"{stem}{formats.SUFFIXES[fmt]}"
-        export_file(fmt, model, x, target, card, cfg.opset, path)
-        results[fmt] = check(target, x, reference, cfg.batch_size, cfg.atol)
+        written = export_file(fmt, model, x, target, card, cfg.opset, path)
+        results[fmt] = check(target, x, reference, cfg.batch_size, cfg.atol, written)
         log.info(f"export   {fmt}: {target}")
     # The card again, next to the files, with the checks: what a deployment reads first, and the
     # description that rebuilds the module for the safetensors weights.

@@ -1,0 +1,212 @@
+"""Files from someone else: a model file never runs its author's code unless told to trust it.
+Crafted files whose payload would create a marker file."""
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_kd
+from test_faults import RunsCode, assert_one_error
+
+from kdcli import checkpoint, formats
+from kdcli.errors import KdError
+
+PROGRAM_SUFFIXES = {fmt: formats.SUFFIXES[fmt] for fmt in formats.PROGRAMS}
+
+
+def rewrite_member(src: Path, dst: Path, member: str, payload: bytes) -> None:
+    """A copy of the zip `src` whose member ending in `member` holds `payload` instead."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        hits = 0
+        for info in zin.infolist():
+            hit = info.filename.endswith(member)
+            hits += hit
+            zout.writestr(info, payload if hit else zin.read(info.filename))
+    assert hits == 1, f"{src} has no member {member}"
+
+
+def crafted(genuine: Path, fmt: str, marker: Path) -> Path:
+    """The file `genuine` with a payload that creates `marker` when unpickled: in a torch.export
+    archive its sample inputs (torch.export falls back to a full unpickling of them), in a
+    TorchScript file its constants."""
+    dst = genuine.with_name(f"crafted{formats.SUFFIXES[fmt]}")
+    if fmt == "torch_export":
+        buffer = io.BytesIO()
+        torch.save(RunsCode(os.system, f"touch {marker}"), buffer)
+        rewrite_member(genuine, dst, "sample_inputs/model.pt", buffer.getvalue())
+    else:
+        payload = pickle.dumps(RunsCode(os.system, f"touch {marker}"), protocol=2)
+        rewrite_member(genuine, dst, "constants.pkl", payload)
+    return dst
+
+
+def write_exports(ck_path: Path, out: Path, fmts) -> dict[str, Path]:
+    """A checkpoint's exports written in-process (the writers of kd export)."""
+    ck = checkpoint.load(ck_path)
+    model = checkpoint.build_from(ck).eval()
+    x = torch.zeros(2, *ck["data"]["input_shape"])
+    paths = {}
+    for fmt in fmts:
+        paths[fmt] = out / f"genuine{formats.SUFFIXES[fmt]}"
+        formats.EXPORTERS[fmt](model, x, paths[fmt], formats.card_of(ck, ck_path), 18)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Programs are refused unless trusted; data formats never unpickle
+
+
+@pytest.fixture(scope="module")
+def genuine(tmp_path_factory) -> dict[str, Path]:
+    """A tiny mlp checkpoint and its exports in every format."""
+    from kdcli.models import build_model
+
+    out = tmp_path_factory.mktemp("genuine")
+    data = {
+        "name": "mnist5k",
+        "input_shape": [1, 28, 28],
+        "num_classes": 10,
+        "class_names": [str(i) for i in range(10)],
+        "mean": [0.13],
+        "std": [0.31],
+        "dataset": {"name": "mnist5k"},
+    }
+    torch.manual_seed(0)
+    model = build_model("mlp", data["input_shape"], 10)
+    checkpoint.save(out / "student.pt", model, arch={"name": "mlp", "kwargs": {}}, data=data, role="student")
+    return {"checkpoint": out / "student.pt", **write_exports(out / "student.pt", out, formats.EXPORTERS)}
+
+
+@pytest.mark.parametrize("fmt", list(formats.PROGRAMS))
+def test_a_crafted_program_is_refused_before_anything_is_unpickled(genuine, tmp_path, fmt):
+    marker = tmp_path / "ran"
+    evil = crafted(genuine[fmt], fmt, marker)
+    with pytest.raises(KdError, match=f"Refusing to load {evil}: it is a .* program.*trust_programs=true"):
+        formats.open_model(evil)
+    renamed = tmp_path / "student_best.pt"  # a program renamed to a checkpoint's name is still one
+    renamed.write_bytes(evil.read_bytes())
+    assert formats.detect(renamed) == fmt
+    with pytest.raises(KdError, match="Refusing to load"):
+        formats.open_model(renamed)
+    assert not marker.exists()
+
+
+def test_the_torch_export_payload_is_live(genuine, tmp_path):
+    """Without the refusal, torch.export.load would have run the crafted file's code."""
+    marker = tmp_path / "ran"
+    evil = crafted(genuine["torch_export"], "torch_export", marker)
+    with contextlib.suppress(Exception):  # what fails after the payload ran (its result is no input) varies
+        torch.export.load(evil)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("fmt", list(formats.PROGRAMS))
+def test_a_trusted_genuine_program_opens(genuine, fmt):
+    opened = formats.open_model(genuine[fmt], trust_programs=True)
+    assert opened.fmt == fmt and opened.card["role"] == "student"
+    assert opened.run(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "safetensors", "checkpoint"])
+def test_data_formats_open_without_unpickling_anything(genuine, monkeypatch, fmt):
+    from kdcli.commands.evaluate import _sparsity
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a data format was unpickled")
+
+    for owner, name in [(pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch.jit, "load")]:
+        monkeypatch.setattr(owner, name, refuse)
+    monkeypatch.setattr(torch.export, "load", refuse)
+    if fmt != "checkpoint":  # a checkpoint is read by torch.load with weights_only=True
+        monkeypatch.setattr(torch, "load", refuse)
+    opened = formats.open_model(genuine[fmt])
+    assert opened.run(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert _sparsity(opened, formats.rebuild(opened.card)) is not None
+
+
+def test_export_reads_back_only_the_file_it_wrote(genuine, tmp_path):
+    from kdcli.commands.export import check, export_file
+
+    ck = checkpoint.load(genuine["checkpoint"])
+    model = checkpoint.build_from(ck).eval()
+    x = torch.zeros(4, 1, 28, 28)
+    target = tmp_path / "m.pt2"
+    written = export_file("torch_export", model, x, target, formats.card_of(ck, "src.pt"), 18, Path("src.pt"))
+    with torch.no_grad():
+        reference = model(x)
+    assert check(target, x, reference, 4, 1e-4, written)["ok"]
+    marker = tmp_path / "ran"
+    evil = crafted(target, "torch_export", marker)
+    os.replace(evil, target)  # another process swaps the file between the write and the check
+    with pytest.raises(KdError, match="changed after kd export wrote it"):
+        check(target, x, reference, 4, 1e-4, written)
+    with pytest.raises(KdError, match="Refusing to load"):
+        check(target, x, reference, 4, 1e-4)  # without the identity of its own write: not trusted
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end with the real kd
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """A smoke distill run (its student checkpoint) and the student's genuine programs."""
+    root = tmp_path_factory.mktemp("trained")
+    r = run_kd("distill", "debug=smoke", cwd=root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (run,) = (root / "runs" / "distill").iterdir()
+    student = run / "checkpoints" / "student_best.pt"
+    return {"root": root, "run": run, "student": student, **write_exports(student, root, formats.PROGRAMS)}
+
+
+@pytest.mark.slow
+def test_kd_evaluate_refuses_crafted_programs_and_runs_none(trained, tmp_path):
+    cwd = tmp_path
+    marker = tmp_path / "ran"
+    evil = {fmt: crafted(trained[fmt], fmt, marker) for fmt in formats.PROGRAMS}
+    # A run folder whose files are programs: a student_best.pt that is a torch.export archive, and
+    # a teacher (named by its metrics.json) that is a TorchScript file.
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "student_best.pt").write_bytes(evil["torch_export"].read_bytes())
+    (run / "metrics.json").write_text(
+        json.dumps({"status": "completed", "teacher": {"checkpoint": str(evil["torchscript"])}})
+    )
+    student = trained["student"]
+    cases = [
+        ([f"checkpoints=[{evil['torch_export']}]"], evil["torch_export"]),
+        ([f"checkpoints=[{student},{evil['torchscript']}]"], evil["torchscript"]),
+        ([f"checkpoints=[{student}]", f"reference={evil['torch_export']}"], evil["torch_export"]),
+        ([f"checkpoints=[{student}]", f"reference={evil['torchscript']}"], evil["torchscript"]),
+        ([f"run={run}"], evil["torchscript"]),  # the teacher comes first
+    ]
+    for args, named in cases:
+        r = run_kd("evaluate", *args, "latency.repeats=0", "figures=false", cwd=cwd)
+        assert_one_error(r, "Refusing to load", "program", "trust_programs=true", names=named)
+        assert not marker.exists(), f"kd evaluate {args} ran the file's code"
+    (run / "metrics.json").write_text(json.dumps({"status": "completed"}))
+    r = run_kd("evaluate", f"run={run}", "latency.repeats=0", "figures=false", cwd=cwd)
+    assert_one_error(r, "Refusing to load", "torch.export program", names=run / "checkpoints" / "student_best.pt")
+    assert not marker.exists()
+
+    # Trusted, the genuine programs evaluate, and score as their checkpoint
+    programs = ",".join(str(trained[fmt]) for fmt in formats.PROGRAMS)
+    r = run_kd(
+        "evaluate",
+        f"checkpoints=[{student},{programs}]",
+        "trust_programs=true",
+        "latency.repeats=0",
+        "figures=false",
+        cwd=cwd,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    (ev,) = (cwd / "runs" / "evaluate").glob("*/evaluation.json")
+    accs = {row["format"]: row["acc"] for row in json.loads(ev.read_text())["models"]}
+    assert set(accs) == {"checkpoint", *formats.PROGRAMS} and len(set(accs.values())) == 1
