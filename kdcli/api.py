@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdcli import checkpoint
 from kdcli.app import Context, finisher, run_record, seed_everything
-from kdcli.config import resolve_device, validate
+from kdcli.config import resolve_device
 from kdcli.errors import KdError
 from kdcli.files import write_json, write_text
 
@@ -150,42 +150,12 @@ def _merge(given: list[str], overrides: Iterable[str], keys: dict, fixed: dict[s
     return given + theirs
 
 
-@contextlib.contextmanager
-def _hydra_set_aside() -> Iterator[None]:
-    """A notebook may have initialised Hydra for its own configs: set that aside while kdcli
-    composes its own, and put it back after."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    gh = GlobalHydra.instance()
-    theirs = gh.hydra if gh.is_initialized() else None
-    gh.clear()
-    try:
-        yield
-    finally:
-        if theirs is not None:
-            GlobalHydra.instance().clear()
-            GlobalHydra.instance().initialize(theirs)
-
-
 def _compose(command: str, overrides: list[str]) -> DictConfig:
-    """The command's config as `kd <command> <overrides>` composes it, after the command line's
-    own checks (unknown keys and group options are named with the ones that exist)."""
-    from hydra import compose, initialize_config_module
+    """The command's config as `kd <command> <overrides>` composes it (debug=smoke's data keys left
+    out: the data is loaded already)."""
+    from kdcli.compose import compose_command
 
-    from kdcli.cli import _prepare
-    from kdcli.registry import import_user_modules
-
-    with _hydra_set_aside():
-        smoke = _prepare(command, overrides)  # also registers the configs (and the user's modules)
-        smoke = [o for o in smoke if _key(o).split(".")[0] not in _DATA_KEYS]  # debug=smoke: the data is loaded
-        with initialize_config_module(config_module="kdcli.configs", version_base="1.3", job_name=command):
-            try:
-                cfg = compose(config_name=command, overrides=overrides + smoke)
-            except Exception as e:  # a value of the wrong type: Hydra's message, as kd prints it
-                raise KdError(str(e)) from None
-    import_user_modules(cfg.imports)
-    validate(cfg, command)
-    return cfg
+    return compose_command(command, overrides, lambda o: _key(o).split(".")[0] not in _DATA_KEYS)
 
 
 # --- data and models -------------------------------------------------------------------------

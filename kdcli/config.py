@@ -28,6 +28,7 @@ class TrainerConfig:
     label_smoothing: float = 0.0  # of the hard-label cross-entropy (teacher training and the alpha term)
     save_every_min: Optional[float] = 30.0  # also save the training state mid-epoch this often (null: epoch ends)
     nonfinite: str = "stop"  # a NaN/inf loss: stop (keeping the last good checkpoints) or skip the step
+    selection: str = "last"  # the kept checkpoint: last (end of the schedule), val_acc or val_nll (ties: later)
     # GPU speed (kdcli/accel.py): applied on CUDA, accepted and ignored with a note on a CPU
     precision: str = "fp32"  # fp32, bf16 or fp16 autocast of the training step (fp16 with a gradient scaler)
     channels_last: bool = False  # conv nets and their inputs in channels-last layout
@@ -92,6 +93,7 @@ class DistillConfig(TrainTeacherConfig):
     T: float = 4.0
     alpha: float = 0.1
     baseline: bool = True  # also train the student from scratch and report the KD gain
+    teacher_train: List[str] = field(default_factory=list)  # kd train-teacher overrides for the teacher trained here
     teachers: List[str] = field(default_factory=list)  # several teacher checkpoints (ensemble / class subsets)
     teacher_weights: List[float] = field(default_factory=list)  # one per teacher; default equal
     teacher_merge: str = "auto"  # auto, probs, logits, conditional (see configs/distill.yaml)
@@ -315,6 +317,13 @@ def validate(cfg: DictConfig, command: str) -> None:
             cfg.trainer.nonfinite in ("stop", "skip"),
             f"trainer.nonfinite={cfg.trainer.nonfinite}: choose stop (end the run at a NaN/inf loss) or skip "
             "(skip that step).",
+        )
+        from kdcli.engine import SELECTIONS
+
+        _check(
+            cfg.trainer.get("selection", "last") in SELECTIONS,
+            f"trainer.selection={cfg.trainer.get('selection')}: choose last (the end of the schedule), val_acc or "
+            "val_nll (the best epoch on the validation split).",
         )
         from kdcli.accel import DTYPES
 

@@ -90,3 +90,49 @@ def classification(logits: torch.Tensor, y: torch.Tensor, reference: torch.Tenso
         out["agreement"] = agreement(logits, reference)
         out["kl_to_reference"] = kl_to(logits, reference)
     return out
+
+
+def paired_gain(base_logits: torch.Tensor, new_logits: torch.Tensor, y: torch.Tensor, level: float = 0.95) -> dict:
+    """How far `new` beats `base` on the same images, and whether that can be chance.
+
+    b = images only `base` gets right, c = images only `new` gets right. The gain in accuracy
+    is (c - b) / n. The exact McNemar test (McNemar 1947) asks whether the disagreements split
+    unevenly: under "no difference" c ~ Binomial(b + c, 1/2); p is its two-sided exact p-value
+    (scipy.stats.binomtest), 1 when the models never disagree. The interval is the Wald interval
+    of a difference of paired proportions, (c - b) / n +- z * sqrt(b + c - (c - b)^2 / n) / n
+    (Agresti, Categorical Data Analysis, 3rd ed., section 11.1)."""
+    from scipy.stats import binomtest, norm
+
+    base_right = base_logits.argmax(1) == y
+    new_right = new_logits.argmax(1) == y
+    n = len(y)
+    b = int((base_right & ~new_right).sum())
+    c = int((new_right & ~base_right).sum())
+    gain = (c - b) / n
+    z = float(norm.ppf(0.5 + level / 2))
+    half = z * max(b + c - (c - b) ** 2 / n, 0.0) ** 0.5 / n
+    p = binomtest(c, b + c, 0.5).pvalue if b + c else 1.0
+    return {
+        "gain": gain,
+        "ci": [gain - half, gain + half],
+        "level": level,
+        "p_value": float(p),
+        "only_base": b,
+        "only_new": c,
+        "n": n,
+    }
+
+
+def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float, float]:
+    """Mean, sample standard deviation and the Student-t interval of the mean of `values`
+    (over seeds); the interval is (nan, nan) for fewer than two values."""
+    import statistics
+
+    from scipy.stats import t
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0, float("nan"), float("nan")
+    sd = statistics.stdev(values)
+    half = float(t.ppf(0.5 + level / 2, len(values) - 1)) * sd / len(values) ** 0.5
+    return mean, sd, mean - half, mean + half

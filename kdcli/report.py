@@ -19,6 +19,7 @@ from rich.table import Table
 
 from kdcli import distributed
 from kdcli.files import write_csv
+from kdcli.metrics import mean_interval
 
 # Log files and CI logs are read in wide windows: don't wrap at 80 columns there.
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -73,6 +74,8 @@ def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> 
 # ---------------------------------------------------------------- sweeps
 
 SUMMARY_FIELDS = ("student.test_acc", "scratch.test_acc", "teacher.test_acc", "kd_gain")
+# Shown as they are (not as percentages): the paired test's p-value of each job's KD gain.
+PLAIN_FIELDS = {"kd_gain_test.p_value": "kd_gain p"}
 
 
 def _get(d: dict, dotted: str):
@@ -107,15 +110,20 @@ def summarise_sweep(sweep_dir: Path) -> list[dict]:
             value = _get(metrics, field)
             if value is not None:
                 row[field] = value
+        for field, name in PLAIN_FIELDS.items():
+            value = _get(metrics, field)
+            if isinstance(value, (int, float)):
+                row[name] = float(f"{value:.3g}")
         if metrics.get("error"):
             row["error"] = metrics["error"]
         rows.append(row)
     if not rows:
         return rows
     figures = [f for f in SUMMARY_FIELDS if any(f in r for r in rows)]
-    fields = ["job", *swept, "status", *figures] + (["error"] if any("error" in r for r in rows) else [])
+    plain = [f for f in PLAIN_FIELDS.values() if any(f in r for r in rows)]
+    fields = ["job", *swept, "status", *figures, *plain] + (["error"] if any("error" in r for r in rows) else [])
     write_csv(sweep_dir / "summary.csv", fields, rows)
-    shown = ["job", *swept, "status", *figures]
+    shown = ["job", *swept, "status", *figures, *plain]
     title = f"Sweep summary (test accuracy %): {sweep_dir}"
     if fixed:
         title += "\nfixed: " + " ".join(f"{k}={v}" for k, v in fixed.items())
@@ -157,12 +165,20 @@ def _over_seeds(rows: list[dict], keys: list[str], figures: list[str], path: Pat
                 continue
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             row[f] = f"{statistics.mean(values):.2f} ± {spread:.2f}"
+            if f == "kd_gain" and len(values) > 1:  # is the mean gain over seeds above zero?
+                _, _, lo, hi = mean_interval(values)
+                row["kd_gain 95% CI"] = f"{lo:+.2f} to {hi:+.2f}"
         out.append(row)
     if not out:
         return
-    write_csv(path, list(out[0]), out)
+    columns = list(dict.fromkeys(k for r in out for k in r))
+    write_csv(path, columns, out)
     console.print(
-        table("Over seeds: mean ± std (test accuracy %, KD gain in points)", list(out[0]), (r.values() for r in out))
+        table(
+            "Over seeds: mean ± std (test accuracy %, KD gain in points; CI: Student-t interval of the mean gain)",
+            columns,
+            ([r.get(c, "-") for c in columns] for r in out),
+        )
     )
 
 

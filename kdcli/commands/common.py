@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from kdcli import distributed
 from kdcli.config import augmenting, model_spec
@@ -104,16 +104,34 @@ def completed_runs(runs_dir: str | Path, *patterns: str) -> list[tuple[Path, dic
     return [(run, metrics) for _, run, metrics in sorted(found, key=lambda t: t[0])]
 
 
-def find_teacher_run(runs_dir: str | Path, spec: dict, dataset_cfg: dict) -> Path | None:
-    """The best checkpoint of the latest completed train-teacher run with the same teacher
-    (name and kwargs) on the same data split, or None."""
-    wanted = data_identity(dataset_cfg)
-    for _, m in reversed(completed_runs(runs_dir, "train_teacher/*", "train_teacher-multirun/*/*")):
-        teacher = m.get("teacher") or {}
-        ckpt = Path(teacher.get("checkpoint", ""))
-        same_split = data_identity(m.get("dataset") or {}) == wanted and m.get("split_version") == SPLIT_VERSION
-        if teacher.get("arch") == spec and same_split and ckpt.is_file():
+def find_teacher_run(runs_dir: str | Path, recipe: DictConfig) -> Path | None:
+    """The kept checkpoint of the latest completed train-teacher run whose configuration is
+    `recipe` (a train-teacher config: model, data, augmentation, optimizer, schedule, epochs, seed;
+    only the keys that cannot change the teacher, such as the device, may differ), or None. A
+    teacher of the same model and data trained another way is named in the log, not used."""
+    from kdcli.resume import config_diff
+
+    wanted = OmegaConf.to_container(recipe, resolve=True)
+    other = None
+    for run, m in reversed(completed_runs(runs_dir, "train_teacher/*", "train_teacher-multirun/*/*")):
+        ckpt = Path((m.get("teacher") or {}).get("checkpoint", ""))
+        config = run / "config.yaml"
+        if m.get("split_version") != SPLIT_VERSION or not ckpt.is_file() or not config.is_file():
+            continue
+        try:
+            diff = config_diff(wanted, OmegaConf.to_container(OmegaConf.load(config), resolve=False))
+        except Exception:  # an unreadable record is no match
+            continue
+        if not diff:
             return ckpt
+        same_model = (m.get("teacher") or {}).get("arch") == model_spec(recipe.teacher)
+        if other is None and same_model and data_identity(m.get("dataset") or {}) == data_identity(wanted["dataset"]):
+            other = (ckpt, diff)
+    if other is not None:
+        log.info(
+            f"teacher  {other[0]} has this model and data but another recipe ({'; '.join(other[1][:3])}): not "
+            "reused. Pass teacher.ckpt=PATH to distill from it anyway."
+        )
     return None
 
 

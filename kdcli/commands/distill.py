@@ -15,11 +15,7 @@ from omegaconf import OmegaConf
 from kdcli import checkpoint, distributed
 from kdcli.app import Context
 from kdcli.commands import train_teacher
-from kdcli.commands.common import (
-    dataset_config,
-    device_data,
-    find_teacher_run,
-)
+from kdcli.commands.common import dataset_config, device_data, find_teacher_run, open_dataset
 from kdcli.config import group_kwargs, model_spec
 from kdcli.data import DeviceData
 from kdcli.engine import Teacher, batches
@@ -80,47 +76,50 @@ def _check_teacher_arch(ckpt: dict, path: Path, asked: dict) -> None:
 
 
 def obtain_teacher(cfg, data: DeviceData, ctx: Context) -> tuple:
-    """Teacher from teacher.ckpt, else the latest matching train-teacher run, else train one
-    now (as a train-teacher run of its own, so later runs and sweeps reuse it). A resumed run
-    uses the teacher its first part used, and finishes training it if it was training it."""
+    """Teacher from teacher.ckpt, else the latest train-teacher run of the same recipe (kd
+    train-teacher's, with teacher_train's overrides: train_teacher.recipe), else train one now
+    with that recipe (as a train-teacher run of its own, so later runs and sweeps reuse it). A
+    resumed run uses the teacher its first part used, and finishes training it if it was."""
     dataset_cfg = dataset_config(cfg)
     path = cfg.teacher.ckpt
     if path:
         source = "teacher.ckpt"
     else:
-        spec = model_spec(cfg.teacher)
+        tcfg = train_teacher.recipe(cfg)
         unfinished = ctx.previous.get("teacher_run") if ctx.resume else None
-        path = (
-            None
-            if unfinished
-            else distributed.decided_by_main(lambda: find_teacher_run(cfg.runs_dir, spec, dataset_cfg))
-        )
-        source = "latest train-teacher run"
+        path = None if unfinished else distributed.decided_by_main(lambda: find_teacher_run(cfg.runs_dir, tcfg))
+        source = "latest train-teacher run of this recipe"
         if path is None:
-            if unfinished:
-                run_dir = Path(unfinished)
-                log.info(f"teacher  continuing the teacher this run was training, in {run_dir}")
-            else:
-                stamp = distributed.same(datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f"))  # one dir for all ranks
-                run_dir = Path(cfg.runs_dir).expanduser().resolve() / "train_teacher" / stamp
-                log.info(
-                    f"teacher  no trained {spec['name']} teacher for this dataset under "
-                    f"{Path(cfg.runs_dir).expanduser()}; training one first in {run_dir} (or pass teacher.ckpt=PATH)"
-                )
-            run_dir.mkdir(parents=True, exist_ok=True)
-            ctx.note("teacher_run", str(run_dir))
-            write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-            write_json(
-                run_dir / "metrics.json", {"command": "train_teacher", "status": "running", "for": str(ctx.run_dir)}
-            )
-            figures = train_teacher.train(cfg, data, run_dir, ctx, resume=bool(unfinished))
-            write_json(
-                run_dir / "metrics.json",
-                {"command": "train_teacher", "status": "completed", **train_teacher.results(cfg, figures)},
-            )
-            path, source = figures["checkpoint"], "trained now"
+            path, source = _train_teacher(tcfg, unfinished, ctx), "trained now"
     asked = model_spec(cfg.teacher) if source == "teacher.ckpt" else None
     return _load_teacher(path, source, data, dataset_cfg, ctx.device, asked)
+
+
+def _train_teacher(tcfg, unfinished: str | None, ctx: Context) -> str:
+    """Train the teacher of recipe `tcfg` on its own data (its augmentation), in a train-teacher run
+    directory that records it as `kd train-teacher` would; returns its kept checkpoint."""
+    if unfinished:
+        run_dir = Path(unfinished)
+        log.info(f"teacher  continuing the teacher this run was training, in {run_dir}")
+    else:
+        stamp = distributed.same(datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f"))  # one dir for all ranks
+        run_dir = Path(tcfg.runs_dir).expanduser().resolve() / "train_teacher" / stamp
+        log.info(
+            f"teacher  no {tcfg.teacher.name} teacher of this recipe for this dataset under "
+            f"{Path(tcfg.runs_dir).expanduser()}; training one first in {run_dir} ({tcfg.trainer.epochs} epochs, "
+            f"augment={tcfg.augment}; teacher_train=[...] changes the recipe, teacher.ckpt=PATH gives a teacher)"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx.note("teacher_run", str(run_dir))
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(tcfg, resolve=True))
+    write_json(run_dir / "metrics.json", {"command": "train_teacher", "status": "running", "for": str(ctx.run_dir)})
+    data = open_dataset(tcfg, ctx.device)
+    figures = train_teacher.train(tcfg, data, run_dir, ctx, resume=bool(unfinished))
+    write_json(
+        run_dir / "metrics.json",
+        {"command": "train_teacher", "status": "completed", **train_teacher.results(tcfg, figures)},
+    )
+    return figures["checkpoint"]
 
 
 def _load_teacher(path, source: str, data: DeviceData, dataset_cfg: dict, device, asked=None) -> tuple:
@@ -336,11 +335,25 @@ def _print_results(results: dict) -> None:
         how = "computed once" if cache["computed"] else "reused"
         console.print(f"Teacher outputs: {how}, looked up at each step ({cache['path']})", soft_wrap=True)
     if "kd_gain" in results:
-        gain = 100 * results["kd_gain"]
-        console.print(f"KD gain over the scratch student: [bold]{gain:+.2f}[/bold] points of test accuracy")
+        console.print(gain_line(results["kd_gain_test"]), soft_wrap=True)
     for r in results.values():
         if isinstance(r, dict) and "sparsity" in r:  # params and FLOPs above count the zeros too
             console.print(
                 f"{r['label']}: {r['sparsity']:.2%} of its prunable weights are zero "
                 f"(prune.kind={r['pruning']['kind']}, classifier kept dense)"
             )
+
+
+def gain_line(g: dict) -> str:
+    """The KD gain with its uncertainty, as the results table's last line."""
+    lo, hi = (100 * v for v in g["ci"])
+    verdict = (
+        "a real gain"
+        if g["p_value"] < 0.05 and g["gain"] > 0
+        else ("a real loss" if g["p_value"] < 0.05 else "within chance")
+    )
+    return (
+        f"KD gain over the scratch student: [bold]{100 * g['gain']:+.2f}[/bold] points of test accuracy "
+        f"({100 * g['level']:.0f} % interval {lo:+.2f} to {hi:+.2f}; McNemar exact p = {g['p_value']:.2g} on "
+        f"{g['only_new']} vs {g['only_base']} images only one of them gets right, of {g['n']}): {verdict}"
+    )

@@ -37,7 +37,7 @@ from kdcli.data import DeviceData
 from kdcli.engine import Teacher, Trainee, epoch_steps, fit, predict
 from kdcli.errors import KdError
 from kdcli.losses.taps import Taps
-from kdcli.metrics import agreement, scores
+from kdcli.metrics import agreement, paired_gain, scores
 from kdcli.models import count_flops, count_params
 from kdcli.prune import Pruner, plan
 from kdcli.transfer import check_module_names, copy_matching, summarise
@@ -54,6 +54,7 @@ class Run:
         self.cfg, self.data, self.ctx = cfg, data, ctx
         self.results: dict = {}
         self.models: dict = {}  # role -> trained model
+        self.test_logits: dict = {}  # role -> its logits on the test split (the paired test of the KD gain)
         self.reference = None  # test logits that agreement is measured against
         self.show = ctx.show_progress and cfg.trainer.progress
         if student is None:
@@ -93,6 +94,7 @@ class Run:
 
     def record(self, role: str, label: str, res, spec: dict) -> None:
         logits = predict(res.model, self.data.test, self.cfg.trainer.eval_batch_size)
+        self.test_logits[role] = logits
         entry = {"label": label, "arch": spec, "flops": count_flops(res.model, self.data.info.input_shape)}
         if self.reference is not None:
             entry["teacher_agreement"] = agreement(logits, self.reference)
@@ -157,10 +159,36 @@ class Run:
             self.results[role]["pruning"] = pruning
         return res
 
+    def check_teacher(self, teachers: list[Teacher], objective) -> None:
+        """Before the student trains: warn when the teacher is not clearly better than the student
+        trained on labels (on the validation split, paired), since then it has little to teach."""
+        if "scratch" not in self.models:
+            return
+        bs = self.cfg.trainer.eval_batch_size
+        val = self.data.val
+        t = paired_gain(predict(self.models["scratch"], val, bs), teacher_logits(teachers, objective, val, bs), val.y)
+        self.results["teacher_vs_scratch_val"] = t
+        if t["gain"] >= TEACHER_MARGIN and t["p_value"] < 0.05:
+            return
+        log.warning(
+            f"warning  the teacher is not clearly better than the student trained on labels: "
+            f"{100 * t['gain']:+.2f} points on the validation split (paired test p = {t['p_value']:.2g}). Distillation "
+            "has little to add then. Fix: a stronger teacher (e.g. teacher=resnet20) or one trained longer "
+            "(teacher_train=[trainer.epochs=60]), or pass a better one with teacher.ckpt=PATH."
+        )
+
     def finish(self, final: str = "student") -> dict:
         if "scratch" in self.results and final in self.results:
             self.results["kd_gain"] = self.results[final]["test_acc"] - self.results["scratch"]["test_acc"]
+            self.results["kd_gain_test"] = paired_gain(
+                self.test_logits["scratch"], self.test_logits[final], self.data.test.y
+            )
         return self.results
+
+
+# The teacher should beat the scratch student on validation by this much (and significantly) for
+# distillation to have something to teach.
+TEACHER_MARGIN = 0.01
 
 
 def _frozen(model, data: DeviceData) -> Teacher:
@@ -255,6 +283,7 @@ def standard(run: Run, loaded: list[tuple] | None = None) -> dict:
         span = f"for {tr.freeze_epochs} epoch(s)" if tr.freeze_epochs is not None else "for the whole run"
         log.info(f"transfer freezing {', '.join(tr.freeze)} {span}")
     run.scratch()
+    run.check_teacher(teachers, objective)
     run.distill(
         "student",
         f"student, distilled ({_label(cfg)})",

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf, open_dict
+
 from kdcli.app import Context
 from kdcli.commands.common import ckpt_meta, dataset_config, device_data, new_model
 from kdcli.data import DeviceData
 from kdcli.data.splits import SPLIT_VERSION
 from kdcli.engine import Trainee, fit
+from kdcli.errors import KdError
 from kdcli.losses import Objective
 from kdcli.models import count_flops
 from kdcli.report import console, pct, table
@@ -31,6 +34,39 @@ def train(
         resume=ctx.resume if resume is None else resume,
     )
     return {"arch": spec, "flops": count_flops(result.model, data.info.input_shape), **result.metrics}
+
+
+def recipe(cfg: DictConfig) -> DictConfig:
+    """The kd train-teacher config of the teacher that kd distill trains when it finds none: the
+    recipe of `kd train-teacher` (its own augmentation, optimizer, schedule, epochs, selection and
+    seed, never the student's) with the overrides of cfg.teacher_train, for the distill run's
+    teacher model and dataset, on its device and under its folders. Teacher reuse compares it
+    with the config.yaml of earlier train-teacher runs."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from kdcli.compose import compose_command
+
+    smoke = HydraConfig.initialized() and "debug=smoke" in HydraConfig.get().overrides.task
+    given = [f"imports=[{','.join(repr(str(i)) for i in cfg.imports)}]"] if cfg.imports else []
+    asked = [str(o) for o in cfg.get("teacher_train", [])]
+    for o in asked:
+        if o.split("=")[0].lstrip("+~").split(".")[0].split("@")[0] in ("teacher", "dataset", "device"):
+            raise KdError(
+                f"teacher_train=[{o}]: the teacher model, the data and the device of the teacher come from kd "
+                "distill's own teacher=..., dataset=... and device=...; teacher_train takes kd train-teacher's "
+                "recipe keys (trainer.epochs=60, augment=none, optimizer.lr=0.1, seed=1, ...)."
+            )
+    overrides = [*given, *(["debug=smoke"] if smoke else []), *asked]
+    try:
+        tcfg = compose_command("train_teacher", overrides, lambda o: o.split("=")[0].split(".")[0] != "dataset")
+    except KdError as e:
+        raise KdError(f"teacher_train={list(cfg.teacher_train)}: {e}") from None
+    with open_dict(tcfg):
+        tcfg.teacher = {**OmegaConf.to_container(cfg.teacher, resolve=True), "ckpt": None}
+        tcfg.dataset = dataset_config(cfg)
+        for key in ("device", "runs_dir", "data_root"):
+            tcfg[key] = cfg[key]
+    return tcfg
 
 
 def results(cfg, teacher: dict) -> dict:

@@ -1,0 +1,78 @@
+"""The KD gain's uncertainty (paired exact McNemar test, Wald interval, Student-t over seeds) and
+the checkpoint selection rule, against hand computations."""
+
+import math
+
+import pytest
+import torch
+
+from kdcli.engine import _better
+from kdcli.metrics import mean_interval, paired_gain
+
+
+def logits_for(pred: list[int], classes: int = 3) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(pred), classes).float()
+
+
+def test_paired_gain_counts_discordant_pairs_and_matches_the_exact_binomial():
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    base = [0, 1, 2, 0, 0, 0, 0, 0, 0, 1]  # right on images 0-3 and 6
+    new = [0, 1, 2, 1, 1, 2, 0, 1, 2, 0]  # right on all but image 3
+    g = paired_gain(logits_for(base), logits_for(new), y)
+    b, c, n = 1, 5, 10  # only base right: image 3; only new right: images 4, 5, 7, 8, 9
+    assert (g["only_base"], g["only_new"], g["n"]) == (b, c, n)
+    assert g["gain"] == pytest.approx((c - b) / n) == pytest.approx(0.9 - 0.5)
+    # two-sided exact McNemar: 2 * P(X <= min(b, c)), X ~ Binomial(b + c, 1/2)
+    p = 2 * sum(math.comb(b + c, k) for k in range(min(b, c) + 1)) / 2 ** (b + c)
+    assert g["p_value"] == pytest.approx(min(1.0, p))
+    half = 1.959963984540054 * math.sqrt(b + c - (c - b) ** 2 / n) / n
+    assert g["ci"] == pytest.approx([0.4 - half, 0.4 + half])
+
+
+def test_paired_gain_of_identical_predictions_is_zero_with_p_one():
+    y = torch.tensor([0, 1, 2, 1])
+    g = paired_gain(logits_for([0, 1, 1, 1]), logits_for([0, 1, 1, 1]), y)
+    assert g["gain"] == 0 and g["p_value"] == 1.0 and g["ci"] == [0.0, 0.0]
+
+
+def test_a_large_one_sided_split_is_significant():
+    y = torch.zeros(1000, dtype=torch.long)
+    base = [1] * 30 + [0] * 970
+    new = [0] * 1000
+    g = paired_gain(logits_for(base), logits_for(new), y)
+    assert g["gain"] == pytest.approx(0.03) and g["p_value"] == pytest.approx(2 / 2**30)
+    assert g["ci"][0] > 0
+
+
+def test_mean_interval_is_the_student_t_interval():
+    mean, sd, lo, hi = mean_interval([1.0, 2.0, 3.0])
+    t_975_2 = 4.302652729911275  # Student's t, 97.5 % quantile, 2 degrees of freedom
+    assert (mean, sd) == (2.0, 1.0)
+    assert (lo, hi) == pytest.approx((2 - t_975_2 / math.sqrt(3), 2 + t_975_2 / math.sqrt(3)))
+    assert math.isnan(mean_interval([5.0])[2])
+
+
+def rows(*pairs):
+    return [{"val_acc": a, "val_nll": n} for a, n in pairs]
+
+
+@pytest.mark.parametrize(
+    "selection, history, row, expected",
+    [
+        ("val_acc", [(0.98, 0.10)], (0.98, 0.20), True),  # a tie goes to the later epoch
+        ("val_acc", [(0.98, 0.10)], (0.97, 0.05), False),
+        ("val_nll", [(0.98, 0.10)], (0.99, 0.11), False),
+        ("val_nll", [(0.98, 0.10)], (0.90, 0.09), True),
+        ("last", [(0.99, 0.01)], (0.10, 3.00), True),
+    ],
+)
+def test_selection_rule(selection, history, row, expected):
+    st = {"best_state": {}, "best_epoch": len(history), "rows": rows(*history)}
+    new = rows(row)[0]
+    st["rows"].append(new)
+    assert _better(selection, new, st) is expected
+
+
+def test_the_first_epoch_is_always_selected():
+    st = {"best_state": None, "best_epoch": 0, "rows": rows((0.1, 2.0))}
+    assert _better("val_acc", st["rows"][0], st)
