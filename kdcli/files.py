@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import errno
 import glob
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,6 +31,24 @@ def no_space(path: Path) -> KdError:
         f"No space left to write {path} ({free} on that disk). The previous version of the file, if any, is "
         "intact. Free some space (or set runs_dir=... to another disk), then continue the run with resume=auto."
     )
+
+
+# A name read from a file becomes at most this many characters of a file name: with a suffix
+# (".int8-dynamic.onnx") and atomic_write's ".<name>.<pid>-<random>.tmp" it stays under 255 bytes.
+NAME_LIMIT = 100
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+def safe_name(text: object, fallback: str = "model", limit: int = NAME_LIMIT) -> str:
+    """`text`, a name read from a file (a checkpoint's role or arch, a class name), as one harmless
+    path component: letters, digits and ._+- only (no separator, no NUL), no `..`, no leading
+    dot or dash, at most `limit` characters, never empty. A file decides what it calls itself,
+    never where kdcli writes; ordinary names (mlp_student) come back unchanged."""
+    name = re.sub(r"\.{2,}", ".", _UNSAFE.sub("_", str(text))).lstrip("._-").rstrip(".")
+    if len(name) > limit:  # cut, with a digest of the whole so that two long names stay apart
+        digest = hashlib.sha256(str(text).encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        name = f"{name[: limit - 9].rstrip('.')}-{digest}"
+    return name or fallback
 
 
 def _read_umask() -> int:

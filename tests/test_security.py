@@ -1,5 +1,6 @@
-"""Files from someone else: a model file never runs its author's code unless told to trust it.
-Crafted files whose payload would create a marker file."""
+"""Files from someone else: a model file never runs its author's code unless told to trust it,
+and a name read from a file never decides where kdcli writes. Crafted files whose payload would
+create a marker file; every written file must lie inside the chosen folder."""
 
 import contextlib
 import io
@@ -16,6 +17,7 @@ from test_faults import RunsCode, assert_one_error
 
 from kdcli import checkpoint, formats
 from kdcli.errors import KdError
+from kdcli.files import safe_name
 
 PROGRAM_SUFFIXES = {fmt: formats.SUFFIXES[fmt] for fmt in formats.PROGRAMS}
 
@@ -210,3 +212,112 @@ def test_kd_evaluate_refuses_crafted_programs_and_runs_none(trained, tmp_path):
     (ev,) = (cwd / "runs" / "evaluate").glob("*/evaluation.json")
     accs = {row["format"]: row["acc"] for row in json.loads(ev.read_text())["models"]}
     assert set(accs) == {"checkpoint", *formats.PROGRAMS} and len(set(accs.values())) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Names read from files
+
+
+ORDINARY = ["mlp_student", "convnet_teacher", "resnet18_scratch", "tv_resnet18_student", "mlp-v2.1", "a+b"]
+HOSTILE = [
+    "../../evil",
+    "/../../../evil",
+    "/tmp/evil",
+    "..",
+    ".",
+    "",
+    "a\x00b",
+    "\x00",
+    ".hidden",
+    "-rf",
+    "a/../b",
+    "C:\\Windows\\evil",
+    "x" * 300,
+    "é" * 300,
+    "\n\t",
+]
+
+
+@pytest.mark.parametrize("name", ORDINARY)
+def test_ordinary_names_are_kept(name):
+    assert safe_name(name) == name
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_a_hostile_name_becomes_one_harmless_path_component(tmp_path, name):
+    safe = safe_name(name)
+    assert safe and len(safe) <= 100
+    assert not {"/", "\\", "\x00"} & set(safe) and ".." not in safe and safe[0] not in ".-"
+    assert (tmp_path / f"{safe}.int8-dynamic.onnx").resolve().parent == tmp_path.resolve()
+    (tmp_path / f".{safe}.int8-dynamic.onnx.123456-abcdefgh.tmp").write_text("")  # atomic_write's temp name fits
+
+
+def test_long_names_stay_apart():
+    a, b = "r" * 300 + "a", "r" * 300 + "b"
+    assert safe_name(a) != safe_name(b) and len(safe_name(a)) == 100
+
+
+def _files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_names_in_a_checkpoint_never_steer_where_files_are_written(trained, tmp_path):
+    ck = torch.load(trained["student"], weights_only=True)
+    escape = tmp_path / "escaped"  # where an absolute role would have pointed
+    roles = {
+        "traversal": "/../../../../../escaped/evil",
+        "dots": "../../../../evil",
+        "absolute": str(escape / "evil"),
+        "nul": "evil\x00name",
+        "long": "r" * 300,
+    }
+    sources = {}
+    for case, role in roles.items():
+        sources[case] = tmp_path / "in" / f"{case}.pt"
+        sources[case].parent.mkdir(exist_ok=True)
+        checkpoint.write(sources[case], {**ck, "role": role})
+    before = _files(tmp_path)
+
+    for case, source in sources.items():
+        out = tmp_path / "a" / "b" / "c" / case
+        fmts = [] if case == "traversal" else ["formats=[safetensors]"]  # every format once
+        r = run_kd("export", f"checkpoint={source}", f"out_dir={out}", *fmts, cwd=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+        new = {p for p in _files(tmp_path) - before if "runs" not in p.relative_to(tmp_path).parts}
+        assert new and all(p.parent == out for p in new), sorted(map(str, new))
+        suffixes = {"".join(p.suffixes[-2:]) if p.name.endswith(".torchscript.pt") else p.suffix for p in new}
+        assert suffixes == ({".json", *formats.SUFFIXES.values()} if case == "traversal" else {".json", ".safetensors"})
+        assert all(len(p.name) < 128 for p in new)
+        before |= new
+    assert not escape.exists()
+
+    out = tmp_path / "a" / "b" / "c" / "quantized"
+    r = run_kd(
+        "quantize", f"checkpoint={sources['traversal']}", f"out_dir={out}", "modes=[dynamic]", "latency.repeats=0",
+        "limit=64", cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    new = {p for p in _files(tmp_path) - before if "runs" not in p.relative_to(tmp_path).parts}
+    assert {p.name for p in new} == {
+        f"mlp_escaped_evil{s}" for s in (".float.onnx", ".int8-dynamic.onnx", ".quantization.json")
+    }
+    assert all(p.parent == out for p in new)
+
+    # kd evaluate names its files itself; the role is only a label
+    r = run_kd("evaluate", f"checkpoints=[{sources['traversal']}]", "latency.repeats=0", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (ev,) = (tmp_path / "runs" / "evaluate").glob("*/evaluation.json")
+    assert json.loads(ev.read_text())["models"][0]["role"] == roles["traversal"]
+    assert {p.name for p in ev.parent.iterdir() if p.is_file()} >= {"evaluation.json", "confusion.png"}
+    assert not escape.exists() and not list(tmp_path.rglob("evil*"))
+
+
+@pytest.mark.slow
+def test_an_unknown_arch_name_is_one_error(trained, tmp_path):
+    ck = torch.load(trained["student"], weights_only=True)
+    source = tmp_path / "arch.pt"
+    checkpoint.write(source, {**ck, "arch": {"name": "../../evil", "kwargs": {}}})
+    r = run_kd("export", f"checkpoint={source}", f"out_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert_one_error(r)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.rglob("evil*"))

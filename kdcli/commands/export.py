@@ -17,7 +17,7 @@ from kdcli.app import Context
 from kdcli.commands.common import checkpoint_data, latest_run
 from kdcli.engine import predict
 from kdcli.errors import KdError
-from kdcli.files import write_json
+from kdcli.files import safe_name, write_json
 from kdcli.metrics import agreement
 from kdcli.report import console, pct, table
 
@@ -45,6 +45,12 @@ def source_checkpoint(cfg, verb: str = "export") -> Path:
             "Run `kd distill` first, or pass checkpoint=PATH."
         )
     return path
+
+
+def stem_of(ck: dict) -> str:
+    """<arch>_<role>, the start of every file name an export or quantization writes: the names come
+    from the checkpoint, so they are made one harmless path component (no `../`, no `/`)."""
+    return safe_name(f"{safe_name(ck['arch']['name'])}_{safe_name(ck.get('role', 'model'))}")
 
 
 def export_file(fmt: str, model, x: torch.Tensor, target: Path, card: dict, opset: int, source: Path) -> tuple:
@@ -91,7 +97,7 @@ def run(cfg, ctx: Context) -> dict:
     reference = predict(model, x, cfg.batch_size)
 
     out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir else ctx.run_dir
-    stem = f"{ck['arch']['name']}_{ck.get('role', 'model')}"
+    stem = stem_of(ck)
     card = formats.card_of(ck, path.resolve())
     results = {}
     for fmt in cfg.formats:

@@ -22,7 +22,7 @@ from kdcli import checkpoint, formats, latency
 from kdcli.app import Context
 from kdcli.commands.common import checkpoint_data
 from kdcli.commands.evaluate import costs_of
-from kdcli.commands.export import export_file, source_checkpoint
+from kdcli.commands.export import export_file, source_checkpoint, stem_of
 from kdcli.errors import KdError
 from kdcli.files import atomic_write, write_json
 from kdcli.metrics import agreement, reliability, scores
@@ -92,7 +92,7 @@ def _run(cfg, ctx: Context) -> dict:
     data = checkpoint_data(ck["data"], cfg.data_root, torch.device("cpu"))
     test = data.test.subset(cfg.limit) if cfg.limit else data.test
     out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir else ctx.run_dir
-    stem = f"{ck['arch']['name']}_{ck.get('role', 'model')}"
+    stem = stem_of(ck)  # from the checkpoint: one safe path component
     card = formats.card_of(ck, path.resolve())
 
     # .float.onnx: never the name of kd export's checked file, should out_dir be an export's
