@@ -61,6 +61,11 @@ def load(path: str | Path, kind: str = FORMAT) -> dict:
         raise KdError(
             f"Checkpoint not found: {path}. Check the path (relative paths start from the current directory)."
         )
+    if problem := zip_damage(path):
+        raise KdError(
+            f"Cannot read checkpoint {path}: the file is corrupt ({problem}). Re-run the command that wrote it, "
+            "or point to another checkpoint."
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load fails in many ways on a bad file; sort them into two
@@ -87,6 +92,25 @@ def load(path: str | Path, kind: str = FORMAT) -> dict:
             "kdcli needs the files written by `kd train-teacher` or `kd distill`."
         )
     return ckpt
+
+
+def zip_damage(path: Path) -> str | None:
+    """What is wrong with a zip file (torch.save's format), or None: a member whose bytes fail
+    the CRC the zip stores for them (torch.load itself never checks it, so flipped bytes would
+    load as other weights), or members that claim far more bytes than the file holds (a compressed
+    bomb; torch.save stores tensors uncompressed, TorchScript deflates only its code). None for a
+    file that is not a zip."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            claimed, size = sum(info.file_size for info in z.infolist()), path.stat().st_size
+            if claimed > 2 * size + 2**20:
+                return f"its members claim {claimed:,} bytes, far more than the file's {size:,}"
+            bad = z.testzip()
+    except zipfile.BadZipFile:
+        return None  # not a zip (or not one zipfile can read): torch.load says what it is
+    except Exception as e:  # a damaged member header or compressed stream
+        return f"{type(e).__name__}: {e}"
+    return f"member {bad} fails its CRC check" if bad else None
 
 
 def _pickled_global(path: Path) -> str | None:
@@ -120,9 +144,20 @@ def build_arch(arch: dict, data: dict) -> nn.Module:
 
 
 def build_from(ckpt: dict, path: str | Path = "<checkpoint>") -> nn.Module:
-    """Rebuild the model a checkpoint describes and load its weights."""
+    """Rebuild the model a checkpoint describes and load its weights. The architecture is built
+    on the meta device first (no memory) and its shapes compared with the tensors the file
+    holds: a file that claims hidden=[10**12] is refused before anything is allocated."""
     arch = ckpt["arch"]
-    model = build_arch(arch, ckpt["data"])
+    _check_shapes(arch, ckpt["data"], ckpt["state_dict"], path)
+    try:
+        model = build_arch(arch, ckpt["data"])
+    except KdError:
+        raise
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:  # kwargs no module can be built from
+        raise KdError(
+            f"Cannot build model '{arch['name']}' with {arch.get('kwargs')}, which {path} describes: "
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else 'no detail'}"
+        ) from None
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
@@ -131,6 +166,27 @@ def build_from(ckpt: dict, path: str | Path = "<checkpoint>") -> nn.Module:
             f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}"
         ) from None
     return model
+
+
+def _check_shapes(arch: dict, data: dict, state: dict, path: str | Path) -> None:
+    with torch.device("meta"):
+        try:
+            want = {k: tuple(v.shape) for k, v in build_arch(arch, data).state_dict().items()}
+        except KdError:
+            raise
+        except Exception:  # a builder that needs real tensors: load_state_dict compares after the build
+            return
+    have = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()} if isinstance(state, dict) else {}
+    if want == have:
+        return
+    if missing := [k for k in want if k not in have]:
+        detail = f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+    elif extra := [k for k in have if k not in want]:
+        detail = f"unexpected {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}"
+    else:
+        k = next(k for k in want if want[k] != have[k])
+        detail = f"size mismatch for {k}: the file holds {list(have[k])}, the model has {list(want[k])}"
+    raise KdError(f"The weights in {path} do not fit model '{arch['name']}' with {arch.get('kwargs')}: {detail}")
 
 
 def describe(ckpt: dict) -> str:

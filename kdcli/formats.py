@@ -262,6 +262,8 @@ def _card(text: str | bytes | None, path: Path) -> dict:
 
 def _open_program(path: Path, threads: int, fmt: str, load: Callable[[str, dict], nn.Module]) -> ModelFile:
     """A TorchScript or torch.export file: its module and the card in its extra files."""
+    if problem := checkpoint.zip_damage(path):  # neither runtime checks the zip's CRCs
+        raise KdError(f"Cannot read {path}: the file is corrupt ({problem}). Export it again with `kd export`.")
     extra = {f"{CARD}.json": ""}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -330,9 +332,21 @@ OPENERS = {
 }
 
 
-def rebuild(card: dict) -> nn.Module | None:
+def rebuild(card: dict, path: Path | None = None) -> nn.Module | None:
     """The float architecture a card names, with fresh weights (for FLOPs and parameter counts
-    of formats that hide the module); None when the registry does not know it."""
+    of formats that hide the module); None when the registry does not know it. Counted on the
+    meta device first: a card of `path` that claims more weights than the file has bytes (one
+    per int8 weight) is refused before anything is allocated."""
     from kdcli.registry import MODELS
 
-    return checkpoint.build_arch(card["arch"], card["data"]).eval() if card["arch"]["name"] in MODELS else None
+    if card["arch"]["name"] not in MODELS:
+        return None
+    if path is not None:
+        with torch.device("meta"):
+            claimed = sum(p.numel() for p in checkpoint.build_arch(card["arch"], card["data"]).parameters())
+        if claimed > path.stat().st_size + 2**20:
+            raise KdError(
+                f"The model card of {path} claims {card['arch']['name']} with {card['arch'].get('kwargs')}: "
+                f"{claimed:,} weights, more than the file's {path.stat().st_size:,} bytes can hold. Export it again."
+            )
+    return checkpoint.build_arch(card["arch"], card["data"]).eval()

@@ -1,18 +1,22 @@
 """Files from someone else: a model file never runs its author's code unless told to trust it,
-and a name read from a file never decides where kdcli writes. Crafted files whose payload would
-create a marker file; every written file must lie inside the chosen folder."""
+a name read from a file never decides where kdcli writes, and what a file claims (its
+architecture, its bytes) is checked against what it holds before anything is built. Crafted
+files whose payload would create a marker file; every written file must lie inside the chosen
+folder; memory stays bounded by the file's real size."""
 
 import contextlib
 import io
 import json
 import os
 import pickle
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_kd
+from conftest import kd_env, run_kd
 from test_faults import RunsCode, assert_one_error
 
 from kdcli import checkpoint, formats
@@ -321,3 +325,145 @@ def test_an_unknown_arch_name_is_one_error(trained, tmp_path):
     r = run_kd("export", f"checkpoint={source}", f"out_dir={tmp_path / 'out'}", cwd=tmp_path)
     assert_one_error(r)
     assert not (tmp_path / "out").exists() and not list(tmp_path.rglob("evil*"))
+
+
+# ----------------------------------------------------------------------------------------------
+# What a file claims is checked against what it holds
+
+
+def _claiming(ck: dict, hidden: list[int]) -> dict:
+    return {**ck, "arch": {"name": "mlp", "kwargs": {"hidden": hidden}}}
+
+
+@pytest.mark.parametrize("hidden", [[1_500_000], [10**12], [10**30], []])
+def test_a_claimed_architecture_is_refused_before_anything_is_allocated(genuine, monkeypatch, hidden):
+    ck = torch.load(genuine["checkpoint"], weights_only=True)
+    real, built_on = checkpoint.build_arch, []
+
+    def spy(arch, data):
+        built_on.append(torch.empty(0).device.type)  # the device factories default to here
+        return real(arch, data)
+
+    monkeypatch.setattr(checkpoint, "build_arch", spy)
+    with pytest.raises(KdError, match=r"(do not fit model 'mlp'|Cannot build model 'mlp').*"):
+        checkpoint.build_from(_claiming(ck, hidden), genuine["checkpoint"])
+    assert built_on == ["meta"]
+
+
+def test_a_safetensors_card_that_claims_another_architecture_is_refused(genuine, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(genuine["safetensors"]), framework="pt") as f:
+        card, state = json.loads(f.metadata()[formats.CARD]), {k: f.get_tensor(k) for k in f.keys()}
+    card["arch"]["kwargs"] = {"hidden": [10**12]}
+    path = tmp_path / "claims.safetensors"
+    save_file(state, path, metadata={formats.CARD: json.dumps(card)})
+    with pytest.raises(
+        KdError, match=r"do not fit model 'mlp' .*size mismatch for 1.weight: the file holds \[256, 784\]"
+    ):
+        formats.open_model(path)
+
+
+def test_an_onnx_card_that_claims_more_weights_than_the_file_holds_is_refused(genuine, tmp_path):
+    import shutil
+
+    assert formats.rebuild(formats.open_model(genuine["onnx"]).card, genuine["onnx"]) is not None
+    path = tmp_path / "claims.onnx"
+    shutil.copy(genuine["onnx"], path)
+    card = formats.open_model(path).card
+    formats.set_onnx_card(path, {**card, "arch": {"name": "mlp", "kwargs": {"hidden": [10**12]}}})
+    opened = formats.open_model(path)  # its graph is genuine: it runs
+    with pytest.raises(KdError, match=r"model card of .*claims.onnx claims mlp .*more than the file's"):
+        formats.rebuild(opened.card, opened.path)
+
+
+def _member_bytes(path: Path, member: str) -> tuple[int, int]:
+    """Where a stored member's bytes start in the zip file, and how many there are."""
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(member))
+    data = path.read_bytes()
+    header = data[info.header_offset : info.header_offset + 30]
+    start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+    return start, info.file_size
+
+
+def _flipped(src: Path, dst: Path, offsets) -> Path:
+    data = bytearray(src.read_bytes())
+    for o in offsets:
+        data[o] ^= 0xFF
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+@pytest.mark.parametrize("member", ["data/0", "data.pkl"])
+def test_flipped_bytes_in_a_checkpoint_fail_its_crc(genuine, tmp_path, member):
+    start, size = _member_bytes(genuine["checkpoint"], member)
+    bad = _flipped(genuine["checkpoint"], tmp_path / "flipped.pt", range(start + size // 2, start + size // 2 + 42))
+    with pytest.raises(KdError, match=f"Cannot read checkpoint {bad}: the file is corrupt .*{member} fails its CRC"):
+        checkpoint.load(bad)
+
+
+def test_random_bytes_in_a_checkpoint_never_load(genuine, tmp_path):
+    import random
+
+    size = genuine["checkpoint"].stat().st_size
+    for seed in range(10):
+        r = random.Random(seed)
+        bad = _flipped(genuine["checkpoint"], tmp_path / f"r{seed}.pt", [r.randrange(size) for _ in range(16)])
+        with pytest.raises(KdError, match="Cannot read checkpoint|Refusing to load|not a kdcli checkpoint"):
+            checkpoint.load(bad)
+
+
+def test_a_compressed_bomb_is_refused_by_its_claimed_size(genuine, tmp_path):
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(genuine["checkpoint"]) as zin, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+        zout.writestr("archive/data/99", bytes(64 * 2**20))  # 64 MiB of zeros in a few KiB
+    assert bomb.stat().st_size < 4 * 2**20
+    with pytest.raises(KdError, match="the file is corrupt .*claim 67,.* bytes, far more than the file's"):
+        checkpoint.load(bomb)
+
+
+def test_a_trusted_program_with_flipped_bytes_is_refused(genuine, tmp_path):
+    start, size = _member_bytes(genuine["torchscript"], "data/0")
+    bad = _flipped(genuine["torchscript"], tmp_path / "flipped.torchscript.pt", [start + size // 2])
+    with pytest.raises(KdError, match="the file is corrupt .*fails its CRC"):
+        formats.open_model(bad, trust_programs=True)
+
+
+def _kd_measured(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, int]:
+    """Run `kd` like run_kd, and also return the peak memory (bytes) of that process alone."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "kdcli", *args],
+        cwd=cwd,
+        env=kd_env(cwd),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    out = p.stdout.read()
+    p.stdout.close()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, ""), usage.ru_maxrss * 1024
+
+
+@pytest.mark.slow
+def test_kd_refuses_claimed_sizes_and_flipped_bytes_in_bounded_memory(trained, tmp_path):
+    ck = torch.load(trained["student"], weights_only=True)
+    huge = tmp_path / "huge.pt"
+    checkpoint.write(huge, _claiming(ck, [1_500_000]))  # 4.7 GB of float32 weights if it were built
+    start, size = _member_bytes(trained["student"], "data/0")
+    flipped = _flipped(trained["student"], tmp_path / "flipped.pt", range(start + size // 2, start + size // 2 + 42))
+    for args, phrase, named in [
+        (["evaluate", f"checkpoints=[{huge}]", "latency.repeats=0"], "do not fit model 'mlp'", huge),
+        (["export", f"checkpoint={huge}", f"out_dir={tmp_path / 'out'}"], "do not fit model 'mlp'", huge),
+        (["evaluate", f"checkpoints=[{flipped}]", "latency.repeats=0"], "fails its CRC check", flipped),
+        (["distill", f"teacher.ckpt={flipped}", "debug=smoke"], "fails its CRC check", flipped),
+    ]:
+        r, peak = _kd_measured(*args, cwd=tmp_path)
+        assert_one_error(r, phrase, names=named)
+        assert peak < 2 * 2**30, f"kd {args[0]} peaked at {peak / 2**30:.1f} GiB"
+    assert not (tmp_path / "out").exists()

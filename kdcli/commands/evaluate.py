@@ -115,7 +115,7 @@ def _sparsity(model: formats.ModelFile, arch: torch.nn.Module | None) -> float |
 def costs_of(model: formats.ModelFile, x_large: torch.Tensor, cfg, counts: bool = True) -> dict:
     """Parameters, sparsity, size on disk, forward FLOPs per image (counts=False: neither
     parameters nor FLOPs), latency and throughput."""
-    arch = model.module if model.module is not None else formats.rebuild(model.card)
+    arch = model.module if model.module is not None else formats.rebuild(model.card, model.path)
     out = {"params": count_params(arch) if arch is not None else None} if counts else {}
     out.update(sparsity=_sparsity(model, arch), size_mb=model.path.stat().st_size / 2**20)
     if counts:
