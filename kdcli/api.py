@@ -38,6 +38,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdcli import checkpoint
 from kdcli.app import Context, finisher, run_record, seed_everything
+from kdcli.compose import as_overrides as _as_overrides
+from kdcli.compose import fmt as _fmt
 from kdcli.config import resolve_device
 from kdcli.errors import KdError
 from kdcli.files import write_json, write_text
@@ -80,46 +82,6 @@ class Result:
 
 
 # --- overrides ------------------------------------------------------------------------------
-
-
-def _fmt(value: Any) -> str:
-    """A Python value as the value of a Hydra override (`key=<this>`)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_fmt(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ",".join(f"{k}:{_fmt(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, Path):
-        value = str(value)
-    if not isinstance(value, str):
-        raise KdError(f"{value!r}: a config value is a number, string, bool, None, list or dict.")
-    parser = OverridesParser.create()
-    for text in (value, "'" + value.replace("'", "\\'") + "'"):  # as is, else quoted
-        try:
-            if parser.parse_override(f"k={text}").value() == value:
-                return text
-        except Exception:  # not valid override syntax: try the next form
-            continue
-    raise KdError(f"{value!r} cannot be written as a config value.")
-
-
-def _as_overrides(key: str, value: Any) -> list[str]:
-    """key=value as overrides; a dict sets its keys one by one, its "name" picking the group
-    option (loss={"name": "dkd", "nckd": 4} -> loss=dkd loss.nckd=4)."""
-    if not isinstance(value, Mapping):
-        return [f"{key}={_fmt(value)}"]
-    out = [f"{key}={_fmt(value['name'])}"] if "name" in value else []
-    for k, v in value.items():
-        if k != "name":
-            out += _as_overrides(f"{key}.{k}", v)
-    return out
 
 
 def _key(override: str) -> str:

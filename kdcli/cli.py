@@ -177,7 +177,8 @@ def _check_overrides(command: str, parsed: list) -> list[str]:
         except Exception as e:  # e.g. a user's YAML that does not compose
             raise KdError(f"{name}: the config does not compose: {e}") from None
     for o in ours:
-        if "." not in o.key_or_group:
+        # teacher_train.* are kd train-teacher's keys, checked when the teacher's recipe is composed
+        if "." not in o.key_or_group or o.key_or_group.startswith("teacher_train."):
             continue
         parent, leaf = o.key_or_group.rsplit(".", 1)
         node = OmegaConf.select(cfg, parent)
@@ -226,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             return report_cmd.main(args)
         if command in ("train_teacher", "distill"):
             args = resumed_overrides(args)
+        if command == "distill":  # teacher_train starts empty: its keys are added (Hydra's +key=value)
+            args = [f"+{a}" if a.startswith("teacher_train.") else a for a in args]
         smoke = _prepare(command, args)
         if smoke:  # right after debug=smoke, among the other overrides (argparse wants them together)
             at = args.index("debug=smoke") + 1

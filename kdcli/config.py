@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -93,7 +93,7 @@ class DistillConfig(TrainTeacherConfig):
     T: float = 4.0
     alpha: float = 0.1
     baseline: bool = True  # also train the student from scratch and report the KD gain
-    teacher_train: List[str] = field(default_factory=list)  # kd train-teacher overrides for the teacher trained here
+    teacher_train: Dict[str, Any] = field(default_factory=dict)  # kd train-teacher keys for the teacher trained here
     teachers: List[str] = field(default_factory=list)  # several teacher checkpoints (ensemble / class subsets)
     teacher_weights: List[float] = field(default_factory=list)  # one per teacher; default equal
     teacher_merge: str = "auto"  # auto, probs, logits, conditional (see configs/distill.yaml)

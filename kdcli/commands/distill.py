@@ -77,7 +77,7 @@ def _check_teacher_arch(ckpt: dict, path: Path, asked: dict) -> None:
 
 def obtain_teacher(cfg, data: DeviceData, ctx: Context) -> tuple:
     """Teacher from teacher.ckpt, else the latest train-teacher run of the same recipe (kd
-    train-teacher's, with teacher_train's overrides: train_teacher.recipe), else train one now
+    train-teacher's, with the keys of teacher_train: train_teacher.recipe), else train one now
     with that recipe (as a train-teacher run of its own, so later runs and sweeps reuse it). A
     resumed run uses the teacher its first part used, and finishes training it if it was."""
     dataset_cfg = dataset_config(cfg)
@@ -107,7 +107,7 @@ def _train_teacher(tcfg, unfinished: str | None, ctx: Context) -> str:
         log.info(
             f"teacher  no {tcfg.teacher.name} teacher of this recipe for this dataset under "
             f"{Path(tcfg.runs_dir).expanduser()}; training one first in {run_dir} ({tcfg.trainer.epochs} epochs, "
-            f"augment={tcfg.augment}; teacher_train=[...] changes the recipe, teacher.ckpt=PATH gives a teacher)"
+            f"augment={tcfg.augment}; teacher_train.KEY=VALUE changes the recipe, teacher.ckpt=PATH gives a teacher)"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx.note("teacher_run", str(run_dir))

@@ -174,7 +174,7 @@ class Run:
             f"warning  the teacher is not clearly better than the student trained on labels: "
             f"{100 * t['gain']:+.2f} points on the validation split (paired test p = {t['p_value']:.2g}). Distillation "
             "has little to add then. Fix: a stronger teacher (e.g. teacher=resnet20) or one trained longer "
-            "(teacher_train=[trainer.epochs=60]), or pass a better one with teacher.ckpt=PATH."
+            "(teacher_train.trainer.epochs=60), or pass a better one with teacher.ckpt=PATH."
         )
 
     def finish(self, final: str = "student") -> dict:

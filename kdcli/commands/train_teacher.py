@@ -39,28 +39,29 @@ def train(
 def recipe(cfg: DictConfig) -> DictConfig:
     """The kd train-teacher config of the teacher that kd distill trains when it finds none: the
     recipe of `kd train-teacher` (its own augmentation, optimizer, schedule, epochs, selection and
-    seed, never the student's) with the overrides of cfg.teacher_train, for the distill run's
+    seed, never the student's) with the keys of cfg.teacher_train, for the distill run's
     teacher model and dataset, on its device and under its folders. Teacher reuse compares it
     with the config.yaml of earlier train-teacher runs."""
     from hydra.core.hydra_config import HydraConfig
 
-    from kdcli.compose import compose_command
+    from kdcli.compose import as_overrides, compose_command
 
     smoke = HydraConfig.initialized() and "debug=smoke" in HydraConfig.get().overrides.task
     given = [f"imports=[{','.join(repr(str(i)) for i in cfg.imports)}]"] if cfg.imports else []
-    asked = [str(o) for o in cfg.get("teacher_train", [])]
-    for o in asked:
-        if o.split("=")[0].lstrip("+~").split(".")[0].split("@")[0] in ("teacher", "dataset", "device"):
+    asked = OmegaConf.to_container(cfg.get("teacher_train") or OmegaConf.create({}), resolve=True)
+    for key in asked:
+        if key in ("teacher", "dataset", "device", "runs_dir", "data_root", "imports", "resume"):
             raise KdError(
-                f"teacher_train=[{o}]: the teacher model, the data and the device of the teacher come from kd "
-                "distill's own teacher=..., dataset=... and device=...; teacher_train takes kd train-teacher's "
-                "recipe keys (trainer.epochs=60, augment=none, optimizer.lr=0.1, seed=1, ...)."
+                f"teacher_train.{key}: the teacher's model, data, device and folders are kd distill's own "
+                "(teacher=..., dataset=..., device=...); teacher_train takes kd train-teacher's recipe keys "
+                "(teacher_train.trainer.epochs=60, teacher_train.augment=none, teacher_train.optimizer=adam, ...)."
             )
-    overrides = [*given, *(["debug=smoke"] if smoke else []), *asked]
+    overrides = [*given, *(["debug=smoke"] if smoke else [])]
+    overrides += [o for key, value in asked.items() for o in as_overrides(key, value)]
     try:
         tcfg = compose_command("train_teacher", overrides, lambda o: o.split("=")[0].split(".")[0] != "dataset")
     except KdError as e:
-        raise KdError(f"teacher_train={list(cfg.teacher_train)}: {e}") from None
+        raise KdError(f"teacher_train ({' '.join(overrides[len(given):])}): {e}") from None
     with open_dict(tcfg):
         tcfg.teacher = {**OmegaConf.to_container(cfg.teacher, resolve=True), "ckpt": None}
         tcfg.dataset = dataset_config(cfg)
