@@ -81,7 +81,13 @@ def test_distill_prune_export_quantize_evaluate(kd):
         exports["torchscript"]["path"],
         q_dir / "mlp_student.int8-dynamic.onnx",
     ]
-    r = kd("evaluate", f"checkpoints=[{','.join(map(str, files))}]", "latency.repeats=2", "latency.warmup=1")
+    r = kd(
+        "evaluate",
+        f"checkpoints=[{','.join(map(str, files))}]",
+        "trust_programs=true",  # the .pt2 and .torchscript.pt files are programs, exported above
+        "latency.repeats=2",
+        "latency.warmup=1",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     v_dir = newest(runs / "evaluate")
     ev = json.loads((v_dir / "evaluation.json").read_text())
