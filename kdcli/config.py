@@ -92,6 +92,7 @@ class DistillConfig(TrainTeacherConfig):
     features: Any = field(default_factory=dict)
     T: float = 4.0
     alpha: float = 0.1
+    distill_lr_scale: Any = "auto"  # auto: optimizer.lr / (alpha + (1 - alpha) T) for T^2-scaled terms; or a factor
     baseline: bool = True  # also train the student from scratch and report the KD gain
     teacher_train: Dict[str, Any] = field(default_factory=dict)  # kd train-teacher keys for the teacher trained here
     teachers: List[str] = field(default_factory=list)  # several teacher checkpoints (ensemble / class subsets)
@@ -356,6 +357,12 @@ def validate(cfg: DictConfig, command: str) -> None:
             f"alpha must be in [0, 1] (got {cfg.alpha}); it weights the hard-label loss, 1 - alpha the KD term.",
         )
         _check(cfg.loss.name in LOSSES, f"loss.name={cfg.loss.name}: {_names(LOSSES)}")
+        scale = cfg.get("distill_lr_scale", "auto")
+        _check(
+            scale == "auto" or (isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale <= 100),
+            f"distill_lr_scale={scale}: choose auto (optimizer.lr / (alpha + (1 - alpha) * T) for the T^2-scaled "
+            "losses kd, soft_ce, dkd, ls) or a factor in (0, 100] on optimizer.lr for distilled models (1: none).",
+        )
         _validate_distill(cfg)
     if command == "evaluate":
         _check(cfg.split in ("train", "val", "test"), f"split={cfg.split}: choose one of train, val, test.")

@@ -90,6 +90,7 @@ class Trainee:
     taps: Optional[Taps] = None  # the layers its objective reads (as a student)
     source_taps: Optional[Taps] = None  # the layers other trainees read from it (as a teacher)
     pruner: Optional[Pruner] = None  # magnitude pruning along a schedule of training steps (kdcli/prune.py)
+    lr_scale: float = 1.0  # times optimizer.lr (distillation objectives: methods.distill_lr_scale)
 
 
 @dataclass
@@ -247,7 +248,7 @@ def fit(
         params = list(t.model.parameters()) + list(t.objective.parameters())
         # (a freeze that ends mid-run gives some parameters their first gradient late, which the
         # fused SGD kernel does not take: the per-tensor update then)
-        t.optimizer = build_optimizer(params, cfg.optimizer, fused=not t.freeze)
+        t.optimizer = build_optimizer(params, cfg.optimizer, fused=not t.freeze, lr_scale=t.lr_scale)
         t.scheduler = build_scheduler(t.optimizer, cfg.scheduler, steps, epochs)
     speed = Speed.of(tcfg, data.device)
     for t in trainees:

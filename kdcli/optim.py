@@ -20,11 +20,13 @@ def _fusable(params) -> bool:
     return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
-def build_optimizer(params, cfg, fused: bool = True) -> torch.optim.Optimizer:
-    """The optimizer cfg names over params; with `fused` (and unless cfg sets foreach or fused), its
-    fused update where torch has one for these parameters."""
+def build_optimizer(params, cfg, fused: bool = True, lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """The optimizer cfg names over params, at lr_scale times its learning rate; with `fused` (and
+    unless cfg sets foreach or fused), its fused update where torch has one for these parameters."""
     cls = OPTIMIZER_CLASSES[cfg.name]
     kwargs = group_kwargs(cfg)
+    if lr_scale != 1.0:
+        kwargs["lr"] = kwargs["lr"] * lr_scale
     allowed = set(inspect.signature(cls).parameters) - {"params"}
     unknown = set(kwargs) - allowed
     if unknown:

@@ -77,7 +77,15 @@ class Run:
         taps = (
             Taps(model, objective.student_layers, "student", self.data.info.input_shape) if objective.features else None
         )
-        return Trainee(role, model, objective, self.meta(spec), taps=taps, **kw)
+        scale = distill_lr_scale(self.cfg, objective)
+        if scale != 1.0:
+            lr = self.cfg.optimizer.lr
+            log.info(
+                f"{role:<8} learning rate {lr:g} x {scale:.3g} = {lr * scale:.3g}: "
+                f"the T^2-scaled {self.cfg.loss.name} term's gradient is up to T times the labels' "
+                "(distill_lr_scale=1 keeps optimizer.lr)"
+            )
+        return Trainee(role, model, objective, self.meta(spec), taps=taps, lr_scale=scale, **kw)
 
     def fit(self, trainees, teachers=(), **kw):
         torch.manual_seed(int(self.cfg.seed))  # the same dropout masks in every run
@@ -184,6 +192,28 @@ class Run:
                 self.test_logits["scratch"], self.test_logits[final], self.data.test.y
             )
         return self.results
+
+
+# Logit losses multiplied by T^2 (Hinton et al. 2015): their gradient on the student's logits is
+# T * (softmax(s/T) - softmax(t/T)), up to T times the cross-entropy's softmax(s) - y.
+T2_SCALED = ("kd", "soft_ce", "dkd", "ls")
+
+
+def distill_lr_scale(cfg, objective) -> float:
+    """The factor on optimizer.lr for a trainee with this objective. distill_lr_scale=auto: for a
+    T^2-scaled logit term, 1 / (alpha + (1 - alpha) * T) at the first epoch's T and alpha, so the
+    step of SGD on the combined gradient is at most the step on the labels alone (measured in
+    README "Distillation that pays": at lr 0.05 small students collapse or lose points under
+    KD, at the scaled rate they train); a number: that factor; 1 for objectives without a term."""
+    if objective.term is None or not objective.needs_teacher:
+        return 1.0
+    value = cfg.get("distill_lr_scale", "auto")
+    if value != "auto":
+        return float(value)
+    if cfg.loss.name not in T2_SCALED:
+        return 1.0
+    T, alpha = objective.T_schedule.at(1, 2), objective.alpha_schedule.at(1, 2)
+    return 1.0 / (alpha + (1 - alpha) * max(T, 1.0))
 
 
 # The teacher should beat the scratch student on validation by this much (and significantly) for
