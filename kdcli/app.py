@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdcli import distributed, interrupt, resume
 from kdcli.config import resolve_device, validate
 from kdcli.errors import KdError
-from kdcli.files import write_json, write_text
+from kdcli.files import check_makeable, write_json, write_text
 from kdcli.registry import import_user_modules
 from kdcli.report import console, error
 
@@ -247,6 +247,80 @@ def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: Dict
                 log.exception("job failed")
                 return metrics
             raise
+
+
+# Hydra flags that print and exit: no run directory is made.
+_PRINT_ONLY = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}
+
+
+def check_before_start(command: str, args: list[str]) -> None:
+    """What Hydra would trip over before any of kdcli's code runs, as one error: an interpolation
+    that does not resolve (a traceback), and a run directory that cannot be made (Hydra makes it
+    first, so runs_dir= would write at the file system's root and a file or a read-only folder
+    would end in a traceback). Reported like a failed run: one error, exit 1 (SystemExit)."""
+    if _PRINT_ONLY & set(args):
+        return
+    try:
+        _check_start(command, args)
+    except KdError as e:
+        if full_error():
+            raise
+        error(str(e))
+        raise SystemExit(1) from None
+
+
+def _check_start(command: str, args: list[str]) -> None:
+    cfg = _composed(command, args)
+    if cfg is None:  # Hydra's own composition reports it
+        return
+    multirun = bool({"-m", "--multirun"} & set(args))
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    _resolved(cfg, "runs_dir")  # named first: the run directory's own value is made of it
+    run_dir = _resolved(cfg, key)
+    with open_dict(cfg):
+        cfg.pop("hydra")
+    _resolved(cfg, None)
+    for name in ("runs_dir", "data_root"):
+        if not str(cfg[name]).strip():
+            raise KdError(
+                f"{name} is empty: it is the folder {'runs are written' if name == 'runs_dir' else 'datasets are'} "
+                f"under. Give {name}=PATH, or leave it out for the default."
+            )
+    given = any(a.startswith(f"{key}=") for a in args)
+    if not str(run_dir).strip():
+        raise KdError(f"{key} is empty: it is the run's own folder. Leave it out (runs go under runs_dir) or give one.")
+    check_makeable(Path(run_dir).expanduser(), key if given else "runs_dir")
+
+
+def _composed(command: str, args: list[str]) -> DictConfig | None:
+    """The config this command line composes (sweeps left out), Hydra's keys included."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from kdcli.cli import _overrides
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(_overrides(args))
+        with initialize_config_module(config_module="kdcli.configs", version_base="1.3", job_name=command):
+            overrides = [o.input_line for o in parsed if not o.is_sweep_override()]
+            return compose(config_name=command, overrides=overrides, return_hydra_config=True)
+    except Exception:
+        return None
+
+
+def _resolved(cfg: DictConfig, key: str | None):
+    """cfg's value at `key` (all of cfg if None), resolved; an interpolation that fails is a KdError naming its key."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.select(cfg, key) if key else OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        where = getattr(e, "full_key", None) or key
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise KdError(
+            f"{where}: its value does not resolve ({cause}). Give a plain value, or an interpolation that resolves "
+            "(e.g. ${oc.env:NAME,default} for an environment variable that may be unset)."
+        ) from None
 
 
 def hydra_app(command: str, run: Callable[[DictConfig, Context], dict]) -> Callable[[], None]:

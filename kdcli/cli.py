@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     from kdcli import distributed
-    from kdcli.app import Outcome, hydra_app
+    from kdcli.app import Outcome, check_before_start, hydra_app
     from kdcli.report import SweepSummary
 
     try:
@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"kdcli.commands.{command}")
     sys.argv = [f"kd {name}", *args]
     try:
+        check_before_start(command, args)
         hydra_app(command, module.run)()
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1

@@ -3,6 +3,7 @@ checks that run before any work starts."""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -295,6 +296,9 @@ def validate(cfg: DictConfig, command: str) -> None:
     from kdcli.optim import OPTIMIZER_CLASSES, SCHEDULERS
 
     load_builtins()
+    for key in ("runs_dir", "data_root"):  # empty, a path names the file system's root or the current directory
+        _check(str(cfg[key]).strip() != "", f"{key} is empty: give {key}=PATH, or leave it out for the default.")
+    _within(cfg, "seed", 0, 2**32 - 1)  # what NumPy's seed takes
     if command in ("train_teacher", "distill"):
         _at_least(cfg, "trainer.epochs", 1)
         _at_least(cfg, "trainer.batch_size", 1)
@@ -342,6 +346,7 @@ def validate(cfg: DictConfig, command: str) -> None:
         )
         schedulers = ", ".join(SCHEDULERS)
         _check(cfg.scheduler.name in SCHEDULERS, f"scheduler.name={cfg.scheduler.name}: choose one of {schedulers}.")
+        _validate_optimizer(cfg)
         _check(cfg.dataset.name in DATASETS, f"dataset.name={cfg.dataset.name}: {_names(DATASETS)}")
         for role in ["teacher", "student"] if command == "distill" else ["teacher"]:
             _check(cfg[role].name in MODELS, f"{role}.name={cfg[role].name}: {_names(MODELS)}")
@@ -378,12 +383,12 @@ def validate(cfg: DictConfig, command: str) -> None:
         _at_least(cfg, "limit", 1, nullable=True)
     if command in ("export", "quantize"):
         _check(not (cfg.checkpoint and cfg.run), "Give checkpoint=PATH or run=DIR (its student), not both.")
-        _at_least(cfg, "opset", 18)
+        _within(cfg, "opset", 18, onnx_opset())
     if command in ("evaluate", "quantize"):
         _at_least(cfg, "latency.batch_size", 1)
         _at_least(cfg, "latency.warmup", 0)
         _at_least(cfg, "latency.repeats", 0)
-        _at_least(cfg, "latency.threads", 1, nullable=True)
+        _within(cfg, "latency.threads", 1, 4 * (os.cpu_count() or 1), nullable=True)  # more only oversubscribes
     if command == "export":
         from kdcli.formats import EXPORTERS
 
@@ -395,6 +400,34 @@ def validate(cfg: DictConfig, command: str) -> None:
         _at_least(cfg, "check_batches", 1)
         _at_least(cfg, "batch_size", 1)
         _at_least(cfg, "atol", 0)
+
+
+def _within(cfg, key: str, low: float, high: float, nullable: bool = False) -> None:
+    """cfg.key must be a number in [low, high] (NaN is not), or null if nullable."""
+    value = OmegaConf.select(cfg, key)
+    if value is None and nullable:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+    null = " or null" if nullable else ""
+    _check(ok, f"{key} must be a number in [{low:g}, {high:g}]{null} (got {value!r}).")
+
+
+def _validate_optimizer(cfg) -> None:
+    """The ranges of the optimizer and scheduler keys that torch accepts but that mean nothing
+    (a momentum of 2 diverges, and the NaN it leads to would be blamed on lr or T)."""
+    given = {f"{group}.{k}" for group in ("optimizer", "scheduler") for k in cfg[group].keys()}
+    for key, low, high in (
+        ("optimizer.momentum", 0, 1),
+        ("optimizer.dampening", 0, 1),
+        ("optimizer.weight_decay", 0, 1e3),
+        ("scheduler.pct_start", 0, 1),
+        ("scheduler.min_lr", 0, 1e3),
+        ("scheduler.warmup_epochs", 0, 1e6),
+        ("scheduler.step_epochs", 1e-6, 1e6),
+        ("scheduler.gamma", 1e-6, 1e3),
+    ):
+        if key in given:
+            _within(cfg, key, low, high)
 
 
 def _validate_distill(cfg: DictConfig) -> None:
@@ -475,6 +508,13 @@ def _validate_prune(p: DictConfig) -> None:
     )
     _check(p.every >= 1, f"prune.every={p.every} must be >= 1 (training steps between mask updates).")
     _check(p.power > 0, f"prune.power={p.power} must be > 0 (exponent of the schedule; the paper uses 3).")
+
+
+def onnx_opset() -> int:
+    """The newest ONNX opset the installed onnx package can write."""
+    import onnx.defs
+
+    return onnx.defs.onnx_opset_version()
 
 
 def _names(registry) -> str:

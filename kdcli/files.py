@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,53 @@ def no_space(path: Path) -> KdError:
     return KdError(
         f"No space left to write {path} ({free} on that disk). The previous version of the file, if any, is "
         "intact. Free some space (or set runs_dir=... to another disk), then continue the run with resume=auto."
+    )
+
+
+def space_error(e: BaseException) -> bool:
+    """Whether `e`, or an error it was raised from, is a write that more space would have let
+    through: torch's zip writer turns the OSError of a full disk into a RuntimeError
+    ("[enforce fail at inline_container.cc...] unexpected pos"), whose context keeps it."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+# The longest file name (bytes) of the usual Linux, macOS and Windows file systems.
+NAME_MAX = 255
+
+
+def check_makeable(path: Path, key: str) -> None:
+    """That directory `path` (the value of `key`) can be made: each name fits, and the nearest
+    folder above it that exists is a directory this process may write in. Asked by trying, since
+    permissions alone do not tell (root, read-only mounts)."""
+    for part in path.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise _unusable(key, path, f"a name of {len(os.fsencode(part))} bytes; at most {NAME_MAX} fit")
+    for folder in (path, *path.parents):
+        try:
+            st = os.stat(folder)
+        except FileNotFoundError:
+            if os.path.lexists(folder):
+                raise _unusable(key, path, f"{folder} is a broken symbolic link") from None
+            continue
+        except OSError as e:  # a symbolic link loop, a file where a folder should be, a denied search
+            raise _unusable(key, path, f"{e.strerror}: {e.filename}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise _unusable(key, path, f"{folder} is not a directory")
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".kdcli-check-"))
+        except OSError as e:
+            raise _unusable(key, path, f"{folder}: {e.strerror}") from None
+        return
+
+
+def _unusable(key: str, path: Path, why: str) -> KdError:
+    return KdError(
+        f"{key}: cannot make the run directory {path} ({why}). Give {key}= a directory you can write to "
+        "(runs_dir=PATH, or the environment variable KDCLI_RUNS)."
     )
 
 
@@ -88,7 +136,7 @@ def atomic_write(path: Path, write) -> None:
         os.close(fd)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the file gets the usual permissions
     except OSError as e:
-        if e.errno in NO_SPACE:
+        if space_error(e):
             raise no_space(path) from None
         raise
     try:
@@ -101,7 +149,7 @@ def atomic_write(path: Path, write) -> None:
                 stale.unlink(missing_ok=True)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in NO_SPACE:
+        if space_error(e):
             raise no_space(path) from None
         raise
 

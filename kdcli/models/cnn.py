@@ -5,6 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdcli.errors import KdError
+from kdcli.models.mlp import check_sizes
 from kdcli.registry import MODELS
 
 
@@ -61,6 +62,7 @@ def convnet(input_shape, num_classes, *, channels: list = (10, 20), hidden: int 
     """The classic PyTorch MNIST example CNN: two 5x5 convs (10, 20 channels), max-pool, 50 hidden units."""
     if len(channels) != 2:
         raise KdError(f"convnet.channels takes two widths, e.g. [10,20]; got {list(channels)}.")
+    check_sizes("convnet", dropout, channels=channels, hidden=hidden)
     return ConvNet(input_shape, num_classes, tuple(int(c) for c in channels), int(hidden), float(dropout))
 
 

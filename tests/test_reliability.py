@@ -1,0 +1,139 @@
+"""A careless or hostile command line, a bad place to write, a stop at the wrong moment, a
+corrupt file: each ends in one `error:` paragraph naming the key or file (exit 1), never a
+traceback, a hang or a write somewhere nobody asked for."""
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from test_faults import assert_one_error
+
+from kdcli.config import validate
+from kdcli.errors import KdError
+from kdcli.registry import MODELS
+
+SMOKE = ["debug=smoke", "teacher=mlp"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Where a run writes: checked before Hydra makes the run directory
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override", ["runs_dir=", "hydra.run.dir=", "data_root="])
+def test_an_empty_path_is_refused_and_nothing_is_written(kd, override):
+    r = kd("distill", override, *SMOKE)
+    key = override.rstrip("=")
+    assert_one_error(r, f"{key} is empty")
+    assert not Path("/distill").exists()
+    assert sorted(p.name for p in kd.dir.iterdir()) == []  # no run directory, no .hydra, no metrics.json
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["file", "/dev/null", "symlink loop", "long name", "broken symlink"])
+def test_a_runs_dir_that_cannot_hold_a_run_is_one_error(kd, case):
+    target = {
+        "file": kd.dir / "a_file",
+        "/dev/null": Path("/dev/null"),
+        "symlink loop": kd.dir / "loop",
+        "long name": kd.dir / ("r" * 300),
+        "broken symlink": kd.dir / "dangling",
+    }[case]
+    if case == "file":
+        target.write_text("not a folder")
+    if case == "symlink loop":
+        os.symlink(kd.dir / "loop2", target)
+        os.symlink(target, kd.dir / "loop2")
+    if case == "broken symlink":
+        os.symlink(kd.dir / "nowhere", target)
+    r = kd("distill", f"runs_dir={target}", *SMOKE)
+    assert_one_error(r, "runs_dir: cannot make the run directory")
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder that even root cannot write in: a read-only tmpfs (chmod is enough for others)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {r.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.slow
+def test_a_read_only_runs_dir_is_one_error(kd, read_only_dir):
+    assert_one_error(kd("distill", f"runs_dir={read_only_dir}", *SMOKE), "Read-only file system", names=read_only_dir)
+
+
+@pytest.mark.slow
+def test_a_sweep_dir_that_is_a_device_is_one_error(kd):
+    assert_one_error(kd("distill", "-m", "T=1,2", "hydra.sweep.dir=/dev/null", *SMOKE), "hydra.sweep.dir: cannot make")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command, override, key",
+    [
+        ("distill", "runs_dir=${oc.env:NOPE_DIR}", "runs_dir"),
+        ("distill", "T=${T}", "T"),
+        ("distill", "seed=${seed}", "seed"),
+        ("distill", "T=${oc.env:PATH}", "T"),
+        ("evaluate", "checkpoints=[${oc.env:NOPE}]", "checkpoints[0]"),
+    ],
+)
+def test_an_interpolation_that_does_not_resolve_is_one_error(kd, command, override, key):
+    assert_one_error(kd(command, override, "debug=smoke"), f"{key}: its value does not resolve")
+    assert not (kd.dir / "runs").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranges that types alone do not express
+
+
+@pytest.mark.parametrize(
+    "command, overrides, key",
+    [
+        ("distill", ["seed=-1"], "seed"),
+        ("distill", ["seed=4294967296"], "seed"),
+        ("evaluate", ["seed=-1"], "seed"),
+        ("train_teacher", ["optimizer=sgd", "optimizer.momentum=2"], "optimizer.momentum"),
+        ("train_teacher", ["optimizer=sgd", "optimizer.momentum=nan"], "optimizer.momentum"),
+        ("train_teacher", ["scheduler=cosine", "scheduler.min_lr=-1"], "scheduler.min_lr"),
+        ("train_teacher", ["scheduler=cosine", "scheduler.warmup_epochs=-1"], "scheduler.warmup_epochs"),
+        ("export", ["opset=99"], "opset"),
+        ("export", ["opset=1000000000"], "opset"),
+        ("evaluate", ["latency.threads=1000000"], "latency.threads"),
+    ],
+)
+def test_meaningless_values_are_refused_with_their_range(hydra_cfg, command, overrides, key):
+    with pytest.raises(KdError, match=rf"^{key} must be a number in \["):
+        validate(hydra_cfg(command, overrides), command)
+
+
+@pytest.mark.parametrize("command", ["distill", "export"])
+def test_the_defaults_pass_the_range_checks(hydra_cfg, command):
+    validate(hydra_cfg(command), command)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, phrase",
+    [
+        ("mlp", {"hidden": [-5]}, "hidden=[-5]"),
+        ("mlp", {"hidden": [0]}, "hidden=[0]"),
+        ("mlp", {"dropout": -0.5}, "dropout=-0.5"),
+        ("convnet", {"channels": [0, 0]}, "channels=[0, 0]"),
+        ("convnet", {"dropout": 1.5}, "dropout=1.5"),
+    ],
+)
+def test_model_sizes_out_of_range_are_refused_before_anything_is_built(name, kwargs, phrase):
+    with pytest.raises(KdError, match=re.escape(f"{name} {phrase}")):
+        MODELS.build(name, (1, 28, 28), 10, **kwargs)
