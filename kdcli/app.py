@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import time
@@ -133,8 +134,14 @@ def _resume_source(cfg: DictConfig, command: str, run_dir: Path) -> Path | None:
     return source
 
 
+RESUMABLE = ("train_teacher", "distill")  # the commands that take resume=
+
+
 def _stop_hint(command: str, run_dir: Path, multirun: bool) -> str:
     name = command.replace("_", "-")
+    if command not in RESUMABLE:  # nothing to continue: the command starts again from its inputs
+        again = "the sweep" if multirun else f"the same kd {name} command"
+        return f"To finish: run {again} again (kd {name} starts over; it has no resume=)."
     if multirun:
         return (
             f"To continue: re-run the sweep with hydra.sweep.dir={run_dir.parent} resume=auto "
@@ -159,12 +166,21 @@ def run_record(command: str, overrides: list[str], **extra) -> dict:
     }
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
+
+
+def plain(text: str) -> str:
+    """`text` without terminal colour codes (some libraries colour their error messages)."""
+    return _ANSI.sub("", text)
+
+
 def finisher(run_dir: Path, metrics: dict) -> Callable[..., dict]:
     """finish(status, **figures): the run's outcome and time into metrics.json. A failed write
     (a full disk) is a warning: it must not replace the run's own outcome or error."""
     t0 = time.perf_counter()
 
     def finish(status: str, **extra) -> dict:
+        extra = {k: plain(v) if isinstance(v, str) else v for k, v in extra.items()}
         metrics.update(extra, status=status, elapsed_s=round(time.perf_counter() - t0, 3))
         try:
             write_json(run_dir / "metrics.json", metrics)
@@ -222,6 +238,8 @@ def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: Dict
             console.print(f"Run directory: {run_dir}")
             return metrics
         except KdError as e:
+            if interrupt.raised() is not None:  # a library wrapped the signal's interrupt in its own error
+                _interrupted(interrupt.raised(), command, run_dir, multirun, finish)
             error(str(e))
             if not isinstance(e, ForeignRun):  # that directory's own record stays as it is
                 finish("failed", error=str(e))
@@ -232,15 +250,11 @@ def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: Dict
                 raise
             raise SystemExit(1) from None
         except KeyboardInterrupt as e:
-            interrupt.stopping()
             signum = e.signum if isinstance(e, interrupt.Interrupted) else signal.SIGINT
-            hint = _stop_hint(command, run_dir, multirun)
-            finish("interrupted", signal=signal.Signals(signum).name, resume=hint)
-            console.print(
-                f"[yellow]Interrupted ({signal.Signals(signum).name}).[/yellow] {hint}", highlight=False, soft_wrap=True
-            )
-            raise SystemExit(128 + signum) from None
+            _interrupted(signum, command, run_dir, multirun, finish)
         except Exception as e:
+            if interrupt.raised() is not None:
+                _interrupted(interrupt.raised(), command, run_dir, multirun, finish)
             finish("failed", error=f"{type(e).__name__}: {e}")
             Outcome.failed = True
             if multirun:
@@ -321,6 +335,16 @@ def _resolved(cfg: DictConfig, key: str | None):
             f"{where}: its value does not resolve ({cause}). Give a plain value, or an interpolation that resolves "
             "(e.g. ${oc.env:NAME,default} for an environment variable that may be unset)."
         ) from None
+
+
+def _interrupted(signum: int, command: str, run_dir: Path, multirun: bool, finish) -> None:
+    """End the run on a signal: metrics.json says interrupted and how to go on; exit 128 + signum."""
+    interrupt.stopping()
+    hint = _stop_hint(command, run_dir, multirun)
+    name = signal.Signals(signum).name
+    finish("interrupted", signal=name, resume=hint)
+    console.print(f"[yellow]Interrupted ({name}).[/yellow] {hint}", highlight=False, soft_wrap=True)
+    raise SystemExit(128 + signum) from None
 
 
 def hydra_app(command: str, run: Callable[[DictConfig, Context], dict]) -> Callable[[], None]:

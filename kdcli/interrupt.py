@@ -32,6 +32,7 @@ class _State:
     requested: int | None = None  # the first signal received while training
     training = False  # inside a training loop that checks `requested` after each step
     stopping = False  # the run is ending because of a signal
+    raised: int | None = None  # the signal whose Interrupted was raised (a library may wrap it in its own error)
 
 
 def requested() -> int | None:
@@ -44,7 +45,14 @@ def _handler(signum, frame) -> None:
         name = signal.Signals(signum).name
         sys.stderr.write(f"\n{name}: finishing the current step and saving the training state (again to stop now)\n")
         return
+    _State.raised = signum
     raise Interrupted(signum)
+
+
+def raised() -> int | None:
+    """The signal that stopped this run, even where a library caught its Interrupted and raised an
+    error of its own instead (torch.export does: "Failed to export the model")."""
+    return _State.raised
 
 
 @contextlib.contextmanager
@@ -56,14 +64,14 @@ def handled():
     except ValueError:  # not the main thread
         yield
         return
-    _State.requested, _State.training, _State.stopping = None, False, False
+    _State.requested, _State.training, _State.stopping, _State.raised = None, False, False, None
     try:
         yield
     finally:
         if not _State.stopping:  # a stopping process keeps ignoring signals until it has exited
             for s, h in previous.items():
                 signal.signal(s, h)
-        _State.requested, _State.training = None, False
+        _State.requested, _State.training, _State.raised = None, False, None
 
 
 def stopping() -> None:

@@ -2,14 +2,17 @@
 corrupt file: each ends in one `error:` paragraph naming the key or file (exit 1), never a
 traceback, a hang or a write somewhere nobody asked for."""
 
+import json
 import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
-from test_faults import assert_one_error
+from conftest import run_kd
+from test_faults import assert_one_error, flat
 
+from kdcli.app import _stop_hint, finisher
 from kdcli.config import validate
 from kdcli.errors import KdError
 from kdcli.registry import MODELS
@@ -137,3 +140,62 @@ def test_the_defaults_pass_the_range_checks(hydra_cfg, command):
 def test_model_sizes_out_of_range_are_refused_before_anything_is_built(name, kwargs, phrase):
     with pytest.raises(KdError, match=re.escape(f"{name} {phrase}")):
         MODELS.build(name, (1, 28, 28), 10, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# A stop: reported as a stop, with a hint that works
+
+
+# A user module whose ONNX exporter behaves as torch.export does when Ctrl-C lands inside it:
+# the signal's KeyboardInterrupt is caught and re-raised as its own error, in colour.
+WRAPPED_INTERRUPT = """
+import os, signal
+from kdcli import formats
+
+def onnx(*args):
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        signal.pause()
+    except BaseException as e:
+        raise RuntimeError("Failed to export the model. \\x1b[96mThis is step 1/3\\x1b[0m of exporting.") from e
+
+formats.EXPORTERS["onnx"] = onnx
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoint_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("teacher")
+    r = run_kd("train-teacher", *SMOKE, cwd=folder)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (path,) = folder.glob("runs/train_teacher/*/checkpoints/teacher_best.pt")
+    return path
+
+
+@pytest.mark.slow
+def test_ctrl_c_inside_an_exporter_is_an_interrupt_with_a_hint_that_works(kd, checkpoint_file):
+    (kd.dir / "wraps.py").write_text(WRAPPED_INTERRUPT)
+    r = kd("export", f"checkpoint={checkpoint_file}", "formats=[onnx]", f"imports=[{kd.dir / 'wraps.py'}]")
+    out = r.stdout + r.stderr
+    assert r.returncode == 130, out
+    assert "Traceback" not in out and "error:" not in out, out
+    assert "Interrupted (SIGINT). To finish: run the same kd export command again" in flat(out), out
+    assert "resume=" not in out.replace("no resume=", ""), out
+    (metrics_file,) = kd.dir.glob("runs/export/*/metrics.json")
+    assert "\x1b" not in metrics_file.read_text() and "\\u001b" not in metrics_file.read_text()
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["status"] == "interrupted" and "resume=" not in metrics["resume"].replace("no resume=", "")
+
+
+def test_only_commands_with_resume_offer_it():
+    assert _stop_hint("distill", Path("/r/d"), False) == "To continue: kd distill resume=/r/d"
+    for command in ("export", "evaluate", "quantize"):
+        hint = _stop_hint(command, Path("/r/d"), False)
+        assert "resume=/" not in hint and "again" in hint, hint
+    assert "resume=auto" not in _stop_hint("export", Path("/r/m/0"), True)
+
+
+def test_colour_codes_never_reach_metrics_json(tmp_path):
+    finish = finisher(tmp_path, {})
+    finish("failed", error="\x1b[96mstep 1/3\x1b[0m failed")
+    assert json.loads((tmp_path / "metrics.json").read_text())["error"] == "step 1/3 failed"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from kdcli import checkpoint, formats
-from kdcli.app import Context
+from kdcli.app import Context, plain
 from kdcli.commands.common import checkpoint_data, latest_run
 from kdcli.engine import predict
 from kdcli.errors import KdError
@@ -61,7 +61,8 @@ def export_file(fmt: str, model, x: torch.Tensor, target: Path, card: dict, opse
     except KdError:
         raise
     except Exception as e:  # exporters raise many types; name the format and the cause
-        raise KdError(f"{fmt} export of {source} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        first = plain(str(e)).splitlines()[0] if str(e) else ""
+        raise KdError(f"{fmt} export of {source} failed: {type(e).__name__}: {first}") from None
     return identity(target)
 
 
