@@ -121,10 +121,7 @@ def _resume_source(cfg: DictConfig, command: str, run_dir: Path) -> Path | None:
             "resume that one (or use resume=auto)."
         )
     if resume.alive(metrics):
-        raise KdError(
-            f"resume={value}: that run is still running (process {metrics['pid']} on this machine). Stop it first "
-            f"(Ctrl-C, or kill -TERM {metrics['pid']}: it saves its state), then resume it."
-        )
+        raise KdError(f"resume={value}: that run is not continued: {resume.still_running(metrics, source)}")
     diff = resume.config_diff(current, OmegaConf.to_container(OmegaConf.load(source / "config.yaml")))
     if diff:
         raise KdError(
@@ -153,8 +150,8 @@ def _stop_hint(command: str, run_dir: Path, multirun: bool) -> str:
 
 
 def run_record(command: str, overrides: list[str], **extra) -> dict:
-    """The metrics.json of a run as it starts (kd commands and kdcli.api alike); pid and host
-    tell whether it still runs (resume.alive)."""
+    """The metrics.json of a run as it starts (kd commands and kdcli.api alike); pid, its start
+    time and host tell whether it still runs (resume.alive)."""
     return {
         "command": command,
         **extra,
@@ -162,6 +159,7 @@ def run_record(command: str, overrides: list[str], **extra) -> dict:
         "overrides": overrides,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "pid": os.getpid(),
+        "pid_started": resume.process_start(os.getpid()),  # with the pid, names this process (pids are reused)
         "host": socket.gethostname(),
     }
 

@@ -12,6 +12,7 @@ All of it is tensors and containers, loaded with weights_only=True.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -25,6 +26,8 @@ from omegaconf import OmegaConf
 from kdcli import checkpoint, distributed
 from kdcli.errors import KdError
 from kdcli.files import read_jsonl, write_json, write_jsonl
+
+log = logging.getLogger("kdcli")
 
 
 def state_path(ckpt_dir: Path, roles: list[str]) -> Path:
@@ -138,23 +141,59 @@ def run_dir_of(value: str) -> Path:
     return path.resolve()
 
 
-def alive(metrics: dict) -> bool:
-    """A run marked running whose process still runs on this machine."""
-    if metrics.get("status") != "running" or metrics.get("host") != socket.gethostname():
-        return False
+def process_start(pid: int) -> str | None:
+    """When process `pid` started, or None if this machine cannot tell: from /proc/<pid>/stat
+    (field 22, clock ticks after boot), else psutil where it is installed. With the pid it names
+    one process: a pid alone is reused by later processes."""
     try:
-        os.kill(int(metrics.get("pid", 0)), 0)
-    except (OSError, ValueError):
-        return False
-    return int(metrics.get("pid", 0)) > 0
+        # the command name (field 2) may hold spaces and parentheses: count from the last ")"
+        return "proc:" + Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError, ValueError):
+        pass
+    try:
+        import psutil
+
+        return f"psutil:{psutil.Process(int(pid)).create_time():.3f}"
+    except Exception:  # not installed, or no such process
+        return None
+
+
+def liveness(metrics: dict) -> str:
+    """Of a run's metrics.json: "running" (its process still runs on this machine), "ended", or
+    "unknown" (a process holds its pid, but there is no start time to tell whether it is the run's:
+    a record of an older kdcli, or no /proc nor psutil here)."""
+    if metrics.get("status") != "running" or metrics.get("host") != socket.gethostname():
+        return "ended"
+    try:
+        pid = int(metrics.get("pid", 0))
+        if pid <= 0:
+            return "ended"
+        os.kill(pid, 0)
+    except PermissionError:  # the pid exists, owned by another user
+        pass
+    except (OSError, ValueError, TypeError):
+        return "ended"
+    recorded, now = metrics.get("pid_started"), process_start(pid)
+    if not recorded or not now or recorded.split(":")[0] != now.split(":")[0]:
+        return "unknown"
+    return "running" if recorded == now else "ended"
+
+
+def alive(metrics: dict) -> bool:
+    """A run marked running whose process may still run on this machine (see `liveness`: an
+    undecidable one counts as running, so that nothing takes over a live run)."""
+    return liveness(metrics) != "ended"
 
 
 def read_metrics(run_dir: Path) -> dict:
-    """A run's metrics.json ({} if it is missing or unreadable)."""
+    """A run's metrics.json: {} if it is missing, unreadable, not a JSON object, or not a regular
+    file (a FIFO of that name would block the read forever)."""
+    f = Path(run_dir) / "metrics.json"
     try:
-        return json.loads((Path(run_dir) / "metrics.json").read_text())
+        metrics = json.loads(f.read_text()) if f.is_file() else {}
     except (OSError, ValueError):
         return {}
+    return metrics if isinstance(metrics, dict) else {}
 
 
 def find_unfinished(runs_dir: str, command: str, config: dict, exclude: Path) -> Path | None:
@@ -165,7 +204,10 @@ def find_unfinished(runs_dir: str, command: str, config: dict, exclude: Path) ->
     for f in [*root.glob(f"{command}/*/metrics.json"), *root.glob(f"{command}-multirun/*/*/metrics.json")]:
         run = f.parent.resolve()
         metrics = read_metrics(run)
-        if run == exclude or metrics.get("status") not in UNFINISHED or alive(metrics):
+        if run == exclude or metrics.get("status") not in UNFINISHED:
+            continue
+        if alive(metrics):
+            log.info(f"resume   {run} is not continued: {still_running(metrics, run)}")
             continue
         if metrics.get("status") == "running" and metrics.get("host") != socket.gethostname():
             continue  # maybe still running on another machine (a shared disk): only resume=DIR takes it
@@ -175,6 +217,21 @@ def find_unfinished(runs_dir: str, command: str, config: dict, exclude: Path) ->
         if not config_diff(config, previous):
             found.append((f.stat().st_mtime, run))
     return max(found)[1] if found else None
+
+
+def still_running(metrics: dict, run: Path) -> str:
+    """Why a run marked running is left alone, and what to do."""
+    pid = metrics.get("pid")
+    if liveness(metrics) == "running":
+        return (
+            f"it is still running (process {pid} on this machine). Stop it first (Ctrl-C, or kill -TERM {pid}: "
+            f"it saves its state), then resume={run}."
+        )
+    return (
+        f"process {pid} exists on this machine, and kdcli cannot tell whether it is that run (no process start time "
+        f'recorded to compare). If that run has ended, set "status": "interrupted" in {run / "metrics.json"}, '
+        f"then resume={run}."
+    )
 
 
 def adopt(source: Path, run_dir: Path) -> None:

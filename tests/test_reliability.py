@@ -3,6 +3,7 @@ corrupt file: each ends in one `error:` paragraph naming the key or file (exit 1
 traceback, a hang or a write somewhere nobody asked for."""
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import pytest
 from conftest import run_kd
+from omegaconf import OmegaConf
 from test_faults import assert_one_error, flat
 
-from kdcli.app import _stop_hint, finisher
+from kdcli import resume
+from kdcli.app import _stop_hint, finisher, run_record
 from kdcli.config import validate
 from kdcli.errors import KdError
 from kdcli.registry import MODELS
@@ -199,3 +202,78 @@ def test_colour_codes_never_reach_metrics_json(tmp_path):
     finish = finisher(tmp_path, {})
     finish("failed", error="\x1b[96mstep 1/3\x1b[0m failed")
     assert json.loads((tmp_path / "metrics.json").read_text())["error"] == "step 1/3 failed"
+
+
+# ----------------------------------------------------------------------------------------------
+# resume=auto and a recorded pid that another process holds now
+
+
+def record(**changes) -> dict:
+    return {**run_record("train_teacher", []), **changes}
+
+
+def test_a_run_is_alive_only_while_its_own_process_runs():
+    assert resume.liveness(record()) == "running"  # this process, as it recorded itself
+    assert resume.liveness(record(pid=1)) == "ended"  # pid 1 runs, but started at another time
+    assert resume.liveness(record(pid=1, pid_started=resume.process_start(1))) == "running"
+    assert resume.liveness(record(status="interrupted")) == "ended"
+    assert resume.liveness(record(host="elsewhere")) == "ended"
+
+
+def test_a_live_pid_without_a_start_time_is_said_to_be_undecidable(tmp_path):
+    metrics = record(pid=1, pid_started=None)  # a record of an older kdcli
+    assert resume.liveness(metrics) == "unknown" and resume.alive(metrics)
+    why = flat(resume.still_running(metrics, tmp_path))
+    assert "cannot tell whether it is that run" in why and f"resume={tmp_path}" in why
+
+
+def unfinished_run(runs: Path, metrics: dict, config: dict) -> Path:
+    run = runs / "train_teacher" / "2026-01-01_00-00-00-000000"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "teacher_resume.pt").write_bytes(b"state")
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def test_resume_auto_continues_a_killed_run_whose_pid_was_reused(tmp_path):
+    config = {"seed": 0, "teacher": {"name": "mlp"}}
+    run = unfinished_run(tmp_path, record(pid=1), config)  # killed; its pid now belongs to init
+    assert resume.find_unfinished(str(tmp_path), "train_teacher", config, tmp_path / "new") == run.resolve()
+
+
+def test_resume_auto_leaves_a_live_run_alone_and_says_why(tmp_path, caplog):
+    config = {"seed": 0}
+    run = unfinished_run(tmp_path, record(), config)
+    with caplog.at_level(logging.INFO, logger="kdcli"):
+        assert resume.find_unfinished(str(tmp_path), "train_teacher", config, tmp_path / "new") is None
+    assert f"{run.resolve()} is not continued: it is still running (process {os.getpid()}" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------
+# A metrics.json that is not what kdcli wrote
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "null", '"running"', "42", "{broken", ""])
+def test_a_metrics_json_that_is_no_object_reads_as_empty(tmp_path, content):
+    (tmp_path / "metrics.json").write_text(content)
+    assert resume.read_metrics(tmp_path) == {}
+
+
+def test_a_fifo_named_metrics_json_is_not_read(tmp_path):
+    os.mkfifo(tmp_path / "metrics.json")  # opening it to read would wait for a writer forever
+    assert resume.read_metrics(tmp_path) == {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fifo", "list"])
+def test_distill_is_not_stopped_by_a_foreign_metrics_json_under_runs_dir(kd, kind):
+    for command in ("train_teacher", "distill"):
+        folder = kd.dir / "runs" / command / "2026-01-01_00-00-00-000000"
+        folder.mkdir(parents=True)
+        if kind == "fifo":
+            os.mkfifo(folder / "metrics.json")
+        else:
+            (folder / "metrics.json").write_text("[1, 2]")
+    r = kd("distill", *SMOKE, "resume=auto", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
