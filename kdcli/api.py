@@ -62,8 +62,9 @@ class Result:
 
     model: the trained module, with its best-on-validation weights (the very object passed in,
     if a module was). metrics: its figures (test_acc, test_nll, test_acc_last, val_acc,
-    best_epoch, params, flops, arch, checkpoint; distill adds teacher_agreement, and kd_gain with
-    baseline=True). checkpoint: its best checkpoint, a kdcli checkpoint like any other.
+    best_epoch, params, flops, arch, checkpoint; distill adds teacher_agreement, and kd_gain and
+    kd_gain_test (its paired test) with baseline=True). checkpoint: its best checkpoint, a kdcli
+    checkpoint like any other.
     run_dir: where the run's files are. results: every model of the run, as metrics.json records
     them (distill: teacher, student, and scratch with baseline=True)."""
 
@@ -444,5 +445,5 @@ def distill(
     metrics = dict(results["student"])
     _ARCH[run.models["student"]] = run.spec
     if "kd_gain" in results:
-        metrics["kd_gain"] = results["kd_gain"]
+        metrics["kd_gain"], metrics["kd_gain_test"] = results["kd_gain"], results["kd_gain_test"]
     return Result(run.models["student"], metrics, Path(metrics["checkpoint"]), ctx.run_dir, results)
