@@ -45,6 +45,8 @@ def space_error(e: BaseException) -> bool:
     return False
 
 
+START_FREE = 2**20  # the space a run needs to start: its config files and metrics.json
+
 # The longest file name (bytes) of the usual Linux, macOS and Windows file systems.
 NAME_MAX = 255
 
@@ -69,8 +71,14 @@ def check_makeable(path: Path, key: str) -> None:
             raise _unusable(key, path, f"{folder} is not a directory")
         try:
             os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".kdcli-check-"))
+            free = shutil.disk_usage(folder).free
         except OSError as e:
             raise _unusable(key, path, f"{folder}: {e.strerror}") from None
+        if free < START_FREE:  # Hydra's first files would fail with a traceback
+            raise KdError(
+                f"No space left to write {path} ({free / 2**20:.1f} MiB free on that disk; a run needs at least "
+                f"{START_FREE / 2**20:g} MiB to start). Free some space, or set runs_dir=... to another disk."
+            )
         return
 
 

@@ -2,6 +2,8 @@
 corrupt file: each ends in one `error:` paragraph naming the key or file (exit 1), never a
 traceback, a hang or a write somewhere nobody asked for."""
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -10,11 +12,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_kd
 from omegaconf import OmegaConf
 from test_faults import assert_one_error, flat
 
-from kdcli import resume
+from kdcli import checkpoint, resume
 from kdcli.app import _stop_hint, finisher, run_record
 from kdcli.config import validate
 from kdcli.errors import KdError
@@ -58,26 +61,64 @@ def test_a_runs_dir_that_cannot_hold_a_run_is_one_error(kd, case):
     assert_one_error(r, "runs_dir: cannot make the run directory")
 
 
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str):
+    """A tmpfs mounted on `folder` (root only: the tests that need one skip elsewhere)."""
+    folder.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
+    if os.geteuid() != 0 or r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
 @pytest.fixture
 def read_only_dir(tmp_path):
     """A folder that even root cannot write in: a read-only tmpfs (chmod is enough for others)."""
-    folder = tmp_path / "ro"
-    folder.mkdir()
     if os.geteuid() != 0:
-        folder.chmod(0o555)
+        folder = tmp_path / "ro"
+        folder.mkdir(mode=0o555)
         yield folder
         folder.chmod(0o755)
         return
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {r.stderr.decode().strip()}")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as folder:
+        yield folder
 
 
 @pytest.mark.slow
 def test_a_read_only_runs_dir_is_one_error(kd, read_only_dir):
     assert_one_error(kd("distill", f"runs_dir={read_only_dir}", *SMOKE), "Read-only file system", names=read_only_dir)
+
+
+@pytest.mark.slow
+def test_a_disk_too_full_to_start_a_run_is_one_error(kd):
+    with tmpfs(kd.dir / "disk", "size=8k") as disk:
+        assert_one_error(kd("distill", f"runs_dir={disk}", *SMOKE), "a run needs at least 1 MiB to start")
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_during_a_run_is_the_readmes_error(kd):
+    with tmpfs(kd.dir / "disk", "size=3m") as disk:
+        r = kd("distill", f"runs_dir={disk}", *SMOKE)
+        text = assert_one_error(r, "No space left to write", "continue the run with resume=auto")
+        records = [f.read_text() for f in disk.rglob("metrics.json")]
+    assert re.search(r"No space left to write \S+\.pt \(", text), text
+    assert records and not any("inline_container" in m or "RuntimeError" in m for m in records), records
+
+
+def test_torchs_zip_writer_error_on_a_full_disk_is_the_no_space_error(tmp_path, monkeypatch):
+    def save(obj, f):  # what torch.save raises when the file's write fails for want of space
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(KdError, match="No space left to write"):
+        checkpoint.write(tmp_path / "x.pt", {})
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
