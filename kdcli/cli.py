@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdcli {version('kdcli')}")
         return 0
     name, args = argv[0], argv[1:]
+    if name in ("--shell-completion", "-sc"):  # Hydra's flag, which belongs to a command's app
+        print(f"kd: shell completion is per command: kd <command> --shell-completion install=bash\n\n{USAGE}")
+        return 2
     if name not in COMMANDS:
         from kdcli.registry import did_you_mean
 

@@ -90,7 +90,23 @@ def _job_overrides(job_dir: Path) -> list[str]:
     import yaml
 
     f = job_dir / ".hydra" / "overrides.yaml"
-    return list(yaml.safe_load(f.read_text()) or []) if f.is_file() else []
+    try:
+        overrides = yaml.safe_load(f.read_text()) if f.is_file() else []
+    except (OSError, ValueError, yaml.YAMLError):  # a damaged file: the job's values are unknown
+        return []
+    return [o for o in overrides if isinstance(o, str)] if isinstance(overrides, list) else []
+
+
+def _job_metrics(job_dir: Path) -> dict:
+    """A job's metrics.json; a missing or damaged one is a row that says so."""
+    f = job_dir / "metrics.json"
+    if not f.is_file():
+        return {"status": "missing"}
+    try:
+        metrics = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        return {"status": "unreadable", "error": f"{f}: {e}"}
+    return metrics if isinstance(metrics, dict) else {"status": "unreadable", "error": f"{f} holds no JSON object"}
 
 
 def summarise_sweep(sweep_dir: Path) -> list[dict]:
@@ -103,8 +119,7 @@ def summarise_sweep(sweep_dir: Path) -> list[dict]:
     fixed = {k: v for k, v in (overrides[0] if overrides else {}).items() if k not in swept}
     rows = []
     for job, over in zip(jobs, overrides):
-        metrics_file = job / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {"status": "missing"}
+        metrics = _job_metrics(job)
         row = {"job": int(job.name), **{k: over.get(k) for k in swept}, "status": metrics.get("status")}
         for field in SUMMARY_FIELDS:
             value = _get(metrics, field)

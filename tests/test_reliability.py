@@ -318,3 +318,44 @@ def test_distill_is_not_stopped_by_a_foreign_metrics_json_under_runs_dir(kd, kin
             (folder / "metrics.json").write_text("[1, 2]")
     r = kd("distill", *SMOKE, "resume=auto", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# kd report on damaged run folders; small fronts
+
+
+BAD_JSON = ["{broken", "[1, 2]", "null", '"text"']
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("content", BAD_JSON)
+def test_kd_report_of_a_run_with_a_damaged_metrics_json_is_one_error(kd, content):
+    run = kd.dir / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(content)
+    assert_one_error(kd("report", str(run)), "metrics.json", names=run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("metrics, overrides", [(c, "[T=1]") for c in BAD_JSON] + [("{}", "{a: [b"), ("{}", "7")])
+def test_kd_report_of_a_sweep_with_damaged_job_files_ends_without_a_traceback(kd, metrics, overrides):
+    for job, T in (("0", 1), ("1", 2)):
+        (kd.dir / "sweep" / job / ".hydra").mkdir(parents=True)
+        (kd.dir / "sweep" / job / ".hydra" / "overrides.yaml").write_text(f"[T={T}]")
+        (kd.dir / "sweep" / job / "metrics.json").write_text('{"status": "completed"}')
+    (kd.dir / "sweep" / "0" / "metrics.json").write_text(metrics)
+    (kd.dir / "sweep" / "0" / ".hydra" / "overrides.yaml").write_text(overrides)
+    r = kd("report", str(kd.dir / "sweep"))
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert (kd.dir / "sweep" / "summary.csv").is_file()
+
+
+@pytest.mark.slow
+def test_a_superscript_digit_is_no_number_of_classes(kd):
+    assert_one_error(kd("list", "models", "classes=²"), "classes=²: give the number of classes")
+
+
+@pytest.mark.slow
+def test_shell_completion_without_a_command_says_where_it_belongs(kd):
+    r = kd("--shell-completion")
+    assert r.returncode == 2 and "kd <command> --shell-completion" in r.stdout, r.stdout + r.stderr

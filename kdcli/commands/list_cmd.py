@@ -165,7 +165,7 @@ def main(args: list[str]) -> int:
         elif key == "input" and value:
             shape = _shape(value)
         elif key == "classes" and value:
-            if not value.isdigit() or int(value) < 1:
+            if not (value.isascii() and value.isdigit()) or int(value) < 1:  # "²" is a digit to isdigit
                 raise KdError(f"classes={value}: give the number of classes, e.g. classes=10.")
             classes = int(value)
         elif a in KINDS:

@@ -39,6 +39,9 @@ def report_run(run_dir: Path) -> bool:
     except (OSError, ValueError) as e:
         error(f"{run_dir / 'metrics.json'} cannot be read: {e}")
         return False
+    if not isinstance(metrics, dict):
+        error(f"{run_dir / 'metrics.json'} is not a run's record: it holds no JSON object.")
+        return False
     status = metrics.get("status", "missing")
     figures = [f for f in SUMMARY_FIELDS if _get(metrics, f) is not None]
     elapsed = metrics.get("elapsed_s")
