@@ -284,7 +284,7 @@ def _at_least(cfg, key: str, low: float, nullable: bool = False, strict: bool = 
 
 
 # augment= values: true/false are kept from earlier versions, where augment was a boolean.
-AUGMENT = {"standard": True, "true": True, "none": False, "false": False}
+AUGMENT = {"standard": True, "affine": True, "true": True, "none": False, "false": False}
 
 
 def augmenting(cfg) -> bool:
@@ -314,7 +314,8 @@ def validate(cfg: DictConfig, command: str) -> None:
         _check(storage in ("auto", "memory", "stream"), f"dataset.storage={storage}: choose auto, memory or stream.")
         _check(
             str(cfg.augment).lower() in AUGMENT,
-            f"augment={cfg.augment}: choose standard (the dataset's shifts/flips) or none.",
+            f"augment={cfg.augment}: choose standard (the dataset's shifts/flips), affine (also random rotations "
+            "of up to 15 degrees and scaling by up to 10 %) or none.",
         )
         _at_least(cfg, "trainer.label_smoothing", 0)
         _at_least(cfg, "trainer.save_every_min", 0, nullable=True, strict=True)

@@ -55,9 +55,12 @@ def storage_of(data) -> str:
     return "stream" if isinstance(data, StreamData) else "memory"
 
 
-def augmentation(cfg) -> tuple[int, bool]:
-    """The random shift and flip the training batches get (0, False: the same images every epoch)."""
-    return (cfg.dataset.get("shift", 0), cfg.dataset.get("flip", False)) if augmenting(cfg) else (0, False)
+def augmentation(cfg) -> tuple[int, bool, bool]:
+    """The random shift, flip and rotation/scaling (augment=affine) the training batches get
+    ((0, False, False): the same images every epoch)."""
+    if not augmenting(cfg):
+        return 0, False, False
+    return cfg.dataset.get("shift", 0), cfg.dataset.get("flip", False), str(cfg.augment).lower() == "affine"
 
 
 def open_dataset(cfg, device: torch.device, storage: str | None = None) -> DeviceData | StreamData:
@@ -66,8 +69,8 @@ def open_dataset(cfg, device: torch.device, storage: str | None = None) -> Devic
     dcfg = dataset_config(cfg)
     with distributed.main_first():  # one process downloads or unpacks; the others then read its files
         splits = load_splits(dcfg, cfg.data_root)
-    shift, flip = augmentation(cfg)
-    data = open_data(splits, device, shift, flip, storage or dcfg.get("storage", "auto"), dcfg.get("workers"))
+    shift, flip, affine = augmentation(cfg)
+    data = open_data(splits, device, shift, flip, storage or dcfg.get("storage", "auto"), dcfg.get("workers"), affine)
     if isinstance(data, StreamData):
         where = f"streamed ({data.workers} loader process{'' if data.workers == 1 else 'es'})"
     else:
@@ -76,6 +79,7 @@ def open_dataset(cfg, device: torch.device, storage: str | None = None) -> Devic
         f"data     {dcfg['name']}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
         f"input {data.info.input_shape}, {data.info.num_classes} classes, {where}, "
         f"augmentation: {f'shift {shift}px' if shift else 'no shift'}{', flip' if flip else ''}"
+        f"{', rotation and scale (affine)' if affine else ''}"
     )
     return data
 

@@ -65,11 +65,35 @@ def augment_batch(
     return x
 
 
+# augment=affine: a random rotation and scale on top of the shift, as digit augmentation usually
+# draws them (Simard et al. 2003 use small rotations and scalings of this size for MNIST)
+ROTATE_DEG, SCALE = 15.0, 0.1
+
+
+def affine_batch(
+    x: torch.Tensor, shift: int, fill: torch.Tensor, generator, rows: tuple[int, int, int] | None = None
+) -> torch.Tensor:
+    """Random rotation by up to ROTATE_DEG degrees, scaling by up to 1 +- SCALE and translation by
+    up to `shift` pixels of each image (bilinear; uncovered pixels take `fill`, a black pixel).
+    rows=(lo, hi, n) as in augment_batch: rows lo:hi of a batch of n get the draws they get there."""
+    b, c, h, w = x.shape
+    lo, hi, n = rows or (0, b, b)
+    u = torch.rand(n, 4, device=x.device, generator=generator)[lo:hi] * 2 - 1  # in [-1, 1)
+    angle, scale = u[:, 0] * ROTATE_DEG * torch.pi / 180, 1 + u[:, 1] * SCALE
+    theta = torch.zeros(b, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 0, 1] = angle.cos() / scale, -angle.sin() / scale
+    theta[:, 1, 0], theta[:, 1, 1] = angle.sin() / scale, angle.cos() / scale
+    theta[:, 0, 2], theta[:, 1, 2] = u[:, 2] * 2 * shift / w, u[:, 3] * 2 * shift / h  # grid units: 2 / size per px
+    grid = torch.nn.functional.affine_grid(theta, [b, c, h, w], align_corners=False)
+    black = fill.view(1, c, 1, 1)
+    return torch.nn.functional.grid_sample(x - black, grid, align_corners=False) + black
+
+
 class DeviceData:
-    def __init__(self, splits: Splits, device: torch.device, shift: int = 0, flip: bool = False):
+    def __init__(self, splits: Splits, device: torch.device, shift: int = 0, flip: bool = False, affine=False):
         self.info = splits.info
         self.device = device
-        self.shift, self.flip = int(shift), bool(flip)
+        self.shift, self.flip, self.affine = int(shift), bool(flip), bool(affine)
         self.train, self.val, self.test = (
             DeviceSplit(normalise(s.x, splits.info, device), s.y.to(device))
             for s in (splits.train, splits.val, splits.test)
@@ -96,9 +120,11 @@ class DeviceData:
             lo, hi = distributed.part(n_batch)
             idx = perm[i + lo : i + hi]
             x = self.train.x[idx]
-            if self.shift or self.flip:
+            if self.shift or self.flip or self.affine:
                 g.manual_seed(mix_seed(seed, k + 1))
-                x = augment_batch(x, self.shift, self.flip, self.fill, g, (lo, hi, n_batch))
+                if self.affine:  # the shift is the affine map's translation
+                    x = affine_batch(x, self.shift, self.fill, g, (lo, hi, n_batch))
+                x = augment_batch(x, 0 if self.affine else self.shift, self.flip, self.fill, g, (lo, hi, n_batch))
             yield x, self.train.y[idx], idx
 
     def steps_per_epoch(self, batch_size: int) -> int:

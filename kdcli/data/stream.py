@@ -213,9 +213,12 @@ def check_workers(workers) -> int:
     return int(workers)
 
 
-def open_data(splits: Splits, device: torch.device, shift: int = 0, flip: bool = False, storage="auto", workers=None):
+def open_data(
+    splits: Splits, device: torch.device, shift: int = 0, flip: bool = False, storage="auto", workers=None, affine=False
+):
     """DeviceData (whole splits as tensors on the device) when they fit in the memory budget,
-    else StreamData; `storage=memory|stream` forces the choice."""
+    else StreamData; `storage=memory|stream` forces the choice. affine (augment=affine) needs
+    the data in memory."""
     from dataclasses import replace
 
     from kdcli.data.device import DeviceData
@@ -233,10 +236,15 @@ def open_data(splits: Splits, device: torch.device, shift: int = 0, flip: bool =
                 f"streaming with {workers} worker processes (dataset.storage=memory to force)"
             )
     if storage == "stream":
+        if affine:
+            raise KdError(
+                "augment=affine is applied to batches held in memory; this dataset is streamed (dataset.storage="
+                "stream or too large for memory). Use augment=standard, or dataset.storage=memory if it fits."
+            )
         return StreamData(splits, device, shift, flip, workers)
     lazy = {
         k: decode_all(getattr(splits, k), workers, k)
         for k in ("train", "val", "test")
         if hasattr(getattr(splits, k), "image")
     }
-    return DeviceData(replace(splits, **lazy) if lazy else splits, device, shift, flip)
+    return DeviceData(replace(splits, **lazy) if lazy else splits, device, shift, flip, affine)
