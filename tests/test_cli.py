@@ -36,7 +36,7 @@ def test_unknown_subcommand_exits_2_with_the_list(kd):
         (["~T"], "'~T': kd distill needs T; set another value instead."),
         (["imports=my.py"], "imports takes a list: imports=[my.py]."),
         (["student.hidden=64"], "model 'mlp': 'hidden' takes list values; got 64."),
-        (["optimizer.momentum=-1", "debug=smoke"], "optimizer sgd with"),
+        (["optimizer.momentum=-1", "debug=smoke"], "optimizer.momentum must be a number in [0, 1] (got -1)"),
     ],
 )
 def test_bad_input_gets_one_clear_line_and_exit_1(kd, args, message):

@@ -23,7 +23,7 @@ log = logging.getLogger("kdcli")
 # Dataset keys that do not change which images land in which split (augmentation, how the data
 # is read): a teacher is reusable for a student only if all the other keys agree (name, split,
 # classes, and a builder's own keys such as imagefolder's root and image_size).
-NOT_IDENTITY = ("shift", "flip", "storage", "workers", "download")
+NOT_IDENTITY = ("shift", "flip", "affine", "storage", "workers", "download")
 
 
 def dataset_config(cfg) -> dict:
@@ -60,7 +60,8 @@ def augmentation(cfg) -> tuple[int, bool, bool]:
     ((0, False, False): the same images every epoch)."""
     if not augmenting(cfg):
         return 0, False, False
-    return cfg.dataset.get("shift", 0), cfg.dataset.get("flip", False), str(cfg.augment).lower() == "affine"
+    affine = str(cfg.augment).lower() == "affine" or bool(cfg.dataset.get("affine", False))
+    return cfg.dataset.get("shift", 0), cfg.dataset.get("flip", False), affine
 
 
 def open_dataset(cfg, device: torch.device, storage: str | None = None) -> DeviceData | StreamData:

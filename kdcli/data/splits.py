@@ -18,6 +18,7 @@ COMMON_DEFAULTS = {
     "limit": None,
     "shift": 0,
     "flip": False,
+    "affine": False,
     "storage": "auto",
     "workers": None,
 }
