@@ -37,7 +37,10 @@ def test_defaults_compose_and_validate(hydra_cfg):
         ("trainer.precision=fp8", r"trainer.precision=fp8: choose fp32, bf16 or fp16"),
         ("trainer.teacher_precision=half", r"trainer.teacher_precision=half: choose fp32, bf16 or fp16"),
         ("trainer=gpu", None),
-        ("trainer.selection=best", r"trainer.selection=best: choose last \(the end of the schedule\), val_acc or val_nll"),
+        (
+            "trainer.selection=best",
+            r"trainer.selection=best: choose last \(the end of the schedule\), val_acc or val_nll",
+        ),
         ("trainer.selection=val_nll", None),
         ("distill_lr_scale=0", r"distill_lr_scale=0: choose auto"),
         ("distill_lr_scale=fast", r"distill_lr_scale=fast: choose auto"),

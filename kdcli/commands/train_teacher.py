@@ -61,7 +61,7 @@ def recipe(cfg: DictConfig) -> DictConfig:
     try:
         tcfg = compose_command("train_teacher", overrides, lambda o: o.split("=")[0].split(".")[0] != "dataset")
     except KdError as e:
-        raise KdError(f"teacher_train ({' '.join(overrides[len(given):])}): {e}") from None
+        raise KdError(f"teacher_train ({' '.join(overrides[len(given) :])}): {e}") from None
     with open_dict(tcfg):
         tcfg.teacher = {**OmegaConf.to_container(cfg.teacher, resolve=True), "ckpt": None}
         tcfg.dataset = dataset_config(cfg)
