@@ -28,6 +28,19 @@ def run_kd(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -
     )
 
 
+def start_kd(cwd: Path, *args: str, new_session: bool = False) -> subprocess.Popen:
+    """Start the real `kd` command in the background, its output (stdout and stderr) on p.stdout."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdcli", *args],
+        cwd=cwd,
+        env=kd_env(cwd),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=new_session,
+    )
+
+
 @pytest.fixture
 def kd(tmp_path):
     def call(*args: str, **kw) -> subprocess.CompletedProcess:

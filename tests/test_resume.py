@@ -8,13 +8,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import kd_env
+from conftest import start_kd
 
 from kdcli import checkpoint
 from kdcli import resume as resume_mod
@@ -28,16 +27,7 @@ TEACHER = ["teacher=mlp", "trainer.epochs=3", "trainer.batch_size=16", "trainer.
 LONG_EPOCHS = [*TEACHER[:2], "trainer.batch_size=4", *TEACHER[3:]]
 
 
-def start(cwd: Path, *args: str, new_session: bool = False) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "kdcli", *args],
-        cwd=cwd,
-        env=kd_env(cwd),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=new_session,
-    )
+start = start_kd
 
 
 def run_kd_in(cwd: Path, *args: str) -> subprocess.CompletedProcess:

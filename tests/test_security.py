@@ -10,14 +10,14 @@ import json
 import os
 import pickle
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import kd_env, run_kd
+from conftest import run_kd, start_kd
 from test_faults import RunsCode, assert_one_error
+from test_formats import DATA
 
 from kdcli import checkpoint, formats
 from kdcli.errors import KdError
@@ -74,15 +74,7 @@ def genuine(tmp_path_factory) -> dict[str, Path]:
     from kdcli.models import build_model
 
     out = tmp_path_factory.mktemp("genuine")
-    data = {
-        "name": "mnist5k",
-        "input_shape": [1, 28, 28],
-        "num_classes": 10,
-        "class_names": [str(i) for i in range(10)],
-        "mean": [0.13],
-        "std": [0.31],
-        "dataset": {"name": "mnist5k"},
-    }
+    data = {**DATA, "dataset": {"name": "mnist5k"}}
     torch.manual_seed(0)
     model = build_model("mlp", data["input_shape"], 10)
     checkpoint.save(out / "student.pt", model, arch={"name": "mlp", "kwargs": {}}, data=data, role="student")
@@ -435,14 +427,7 @@ def test_a_trusted_program_with_flipped_bytes_is_refused(genuine, tmp_path):
 
 def _kd_measured(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, int]:
     """Run `kd` like run_kd, and also return the peak memory (bytes) of that process alone."""
-    p = subprocess.Popen(
-        [sys.executable, "-m", "kdcli", *args],
-        cwd=cwd,
-        env=kd_env(cwd),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    p = start_kd(cwd, *args)
     out = p.stdout.read()
     p.stdout.close()
     _, status, usage = os.wait4(p.pid, 0)
