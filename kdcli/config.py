@@ -310,6 +310,19 @@ def validate(cfg: DictConfig, command: str) -> None:
         _at_least(cfg, "dataset.limit", 1, nullable=True)
         _at_least(cfg, "dataset.shift", 0)
         _at_least(cfg, "dataset.workers", 0, nullable=True)
+        side = cfg.dataset.get("image_size")  # a shift beyond the image's side moves it out of the frame
+        side = side if isinstance(side, int) and not isinstance(side, bool) and side > 0 else 64
+        _within(cfg, "dataset.shift", 0, side)
+        val_size = cfg.dataset.val_size
+        _check(
+            isinstance(val_size, (int, float))
+            and not isinstance(val_size, bool)
+            and (0 < val_size < 1 or (val_size >= 1 and float(val_size).is_integer())),
+            f"dataset.val_size must be a count >= 1 or a fraction in (0, 1) (got {val_size!r}).",
+        )
+        _within(cfg, "dataset.split_seed", 0, 2**32 - 1)  # what NumPy's seed takes
+        _within(cfg, "trainer.epochs", 1, 1e6)
+        _within(cfg, "trainer.batch_size", 1, 1e7)
         storage = cfg.dataset.get("storage", "auto")
         _check(storage in ("auto", "memory", "stream"), f"dataset.storage={storage}: choose auto, memory or stream.")
         _check(
@@ -369,6 +382,17 @@ def validate(cfg: DictConfig, command: str) -> None:
             f"distill_lr_scale={scale}: choose auto (optimizer.lr / (alpha + (1 - alpha) * T) for the T^2-scaled "
             "losses kd, soft_ce, dkd, ls) or a factor in (0, 100] on optimizer.lr for distilled models (1: none).",
         )
+        # baseline is a bool, but OmegaConf turns baseline=2 into True: check what was given as well
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        given = [o.split("=", 1)[1] for o in task if o.lstrip("+~").startswith("baseline=")]
+        for value in [*given, cfg.get("baseline", True)]:
+            _check(
+                isinstance(value, bool) or str(value).strip().strip("'\"").lower() in ("true", "false"),
+                f"baseline must be true or false (got {value!r}): true also trains the student from scratch "
+                "and reports the KD gain.",
+            )
         _validate_distill(cfg)
     if command == "evaluate":
         _check(cfg.split in ("train", "val", "test"), f"split={cfg.split}: choose one of train, val, test.")
@@ -442,6 +466,14 @@ def _validate_distill(cfg: DictConfig) -> None:
             f"schedule.{key}={sch[key]} moves {key} to schedule.{key}_end: set it (e.g. schedule.{key}_end="
             f"{'1' if key == 'T' else '0.5'}).",
         )
+    for key in ("T", "alpha"):
+        end = sch[f"{key}_end"]
+        moving = "|".join(s for s in SCHEDULES if s != "constant")
+        _check(
+            sch[key] != "constant" or end is None,
+            f"schedule.{key}_end={end} has no effect with schedule.{key}=constant; set schedule.{key}={moving} "
+            f"(or leave schedule.{key}_end out).",
+        )
     _at_least(cfg, "schedule.T_end", 0, nullable=True, strict=True)
     _check(
         sch.alpha_end is None or 0 <= sch.alpha_end <= 1, f"schedule.alpha_end must be in [0, 1] (got {sch.alpha_end})."
@@ -480,8 +512,10 @@ def _validate_distill(cfg: DictConfig) -> None:
     _check(method.name in METHODS, f"method.name={method.name}: choose one of {', '.join(METHODS)}.")
     if method.name == "dml":
         _at_least(cfg, "method.peers", 2)
+        _within(cfg, "method.peers", 2, 64)
     if method.name == "born_again":
         _at_least(cfg, "method.generations", 1)
+        _within(cfg, "method.generations", 1, 100)
     if method.name == "ta":
         _check(
             OmegaConf.is_list(method.assistants) and len(method.assistants) > 0,
