@@ -359,3 +359,24 @@ def test_a_superscript_digit_is_no_number_of_classes(kd):
 def test_shell_completion_without_a_command_says_where_it_belongs(kd):
     r = kd("--shell-completion")
     assert r.returncode == 2 and "kd <command> --shell-completion" in r.stdout, r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# A corrupt image file read by a loader worker
+
+
+@pytest.mark.slow
+def test_evaluate_of_a_run_whose_test_png_was_corrupted_is_one_error_not_a_hang(kd):
+    from dataset_files import image_folder
+
+    photos = kd.dir / "data" / "photos"
+    image_folder(photos / "train", ["cat", "dog"], 20, size=(16, 16))
+    image_folder(photos / "test", ["cat", "dog"], 6, size=(16, 16), seed=1)
+    r = kd("distill", "debug=smoke", "dataset=imagefolder", "dataset.root=data/photos", "baseline=false", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = next((kd.dir / "runs" / "distill").iterdir())
+    bad = photos / "test" / "cat" / "2.png"
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated inside the image data
+    # The error used to be printed, then the exit waited forever on a loader worker that ignores SIGTERM.
+    r = kd("evaluate", f"run={run}", timeout=120)
+    assert_one_error(r, "cannot decode image", "image file is truncated", names=bad)

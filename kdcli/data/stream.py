@@ -72,10 +72,21 @@ def _loader_error(e: Exception) -> KdError:
     return KdError(text[text.rindex(marker) + len(marker) :].strip() if marker in text else text)
 
 
+def _shut_down(batches) -> None:
+    """Stop a loader iterator's worker processes now. Left to garbage collection, they outlive
+    an error (the traceback keeps the iterator alive), and the interpreter's exit then waits on
+    workers that ignore SIGTERM (ignore_in_worker): a hang after the error was printed."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()  # idempotent; a finished epoch's iterator has already done it
+
+
 def _iterate(loader: DataLoader):
+    batches = iter(loader)
     try:
-        yield from loader
+        yield from batches
     except Exception as e:
+        _shut_down(batches)
         if requested() is not None:  # stopping on a signal: the loader's failure is part of it
             raise Interrupted(requested()) from None
         text = str(e)
@@ -88,6 +99,8 @@ def _iterate(loader: DataLoader):
                 "machine or container more shared memory (docker: --shm-size=2g)."
             ) from None
         raise
+    finally:  # also when the reader stops early (GeneratorExit) or on a KeyboardInterrupt
+        _shut_down(batches)
 
 
 def decode_all(split, workers: int, what: str) -> Split:
