@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_kd
+from conftest import run_kd, start_kd
 from omegaconf import OmegaConf
 from test_faults import assert_one_error, flat
 
@@ -380,3 +380,34 @@ def test_evaluate_of_a_run_whose_test_png_was_corrupted_is_one_error_not_a_hang(
     # The error used to be printed, then the exit waited forever on a loader worker that ignores SIGTERM.
     r = kd("evaluate", f"run={run}", timeout=120)
     assert_one_error(r, "cannot decode image", "image file is truncated", names=bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Two runs at once in one runs_dir
+
+
+@pytest.mark.slow
+def test_two_distills_started_at_once_without_a_teacher_do_not_corrupt_each_other(tmp_path):
+    procs = [start_kd(tmp_path, "distill", "debug=smoke") for _ in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out
+    runs = sorted((tmp_path / "runs").glob("*/*/metrics.json"))
+    assert len([m for m in runs if m.parent.parent.name == "distill"]) == 2, runs
+    for m in runs:
+        metrics = json.loads(m.read_text())  # complete JSON: no write interleaved with another
+        assert metrics["status"] == "completed", (m, metrics)
+        if m.parent.parent.name == "distill":
+            ckpt = checkpoint.load(metrics["teacher"]["checkpoint"])  # CRCs and all: not half-written
+            assert ckpt["arch"]["name"] == "convnet"
+    for out in outs:  # each says where its teacher came from
+        said = flat(out)
+        assert "(trained now)" in said or "(latest train-teacher run of this recipe)" in said, out
