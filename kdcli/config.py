@@ -382,17 +382,6 @@ def validate(cfg: DictConfig, command: str) -> None:
             f"distill_lr_scale={scale}: choose auto (optimizer.lr / (alpha + (1 - alpha) * T) for the T^2-scaled "
             "losses kd, soft_ce, dkd, ls) or a factor in (0, 100] on optimizer.lr for distilled models (1: none).",
         )
-        # baseline is a bool, but OmegaConf turns baseline=2 into True: check what was given as well
-        from hydra.core.hydra_config import HydraConfig
-
-        task = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-        given = [o.split("=", 1)[1] for o in task if o.lstrip("+~").startswith("baseline=")]
-        for value in [*given, cfg.get("baseline", True)]:
-            _check(
-                isinstance(value, bool) or str(value).strip().strip("'\"").lower() in ("true", "false"),
-                f"baseline must be true or false (got {value!r}): true also trains the student from scratch "
-                "and reports the KD gain.",
-            )
         _validate_distill(cfg)
     if command == "evaluate":
         _check(cfg.split in ("train", "val", "test"), f"split={cfg.split}: choose one of train, val, test.")
