@@ -12,6 +12,8 @@ import torch
 pytestmark = pytest.mark.slow
 
 TINY = ["trainer.epochs=2", "dataset.limit=600", "trainer.batch_size=64"]
+# The recipe of a teacher trained with TINY, for kd distill to find it (or train it so)
+TINY_TEACHER = ["teacher_train.trainer.epochs=2", "teacher_train.trainer.batch_size=64"]
 
 
 def only_run(root: Path, command: str) -> Path:
@@ -39,9 +41,9 @@ def test_train_teacher_distill_evaluate_export(kd):
     )
     assert (t_dir / "checkpoints" / "teacher_last.pt").is_file()
 
-    r = kd("distill", "teacher=convnet", "student=mlp", "T=4", *TINY)
+    r = kd("distill", "teacher=convnet", "student=mlp", "T=4", *TINY, *TINY_TEACHER)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "latest train-teacher run" in r.stdout
+    assert "latest train-teacher run of this recipe" in r.stdout
     d_dir = only_run(runs, "distill")
     m = read_metrics(d_dir)
     assert m["status"] == "completed" and m["T"] == 4.0 and m["alpha"] == 0.1

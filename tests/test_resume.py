@@ -6,6 +6,7 @@ epoch rows (timings aside) as a run that was never interrupted."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -241,7 +242,8 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_readable_files(kd):
     (run,) = run_dirs(kd.dir, "train_teacher")
     wait_for(lambda: (run / "config.yaml").is_file(), proc)
     busy = kd("train-teacher", f"resume={run}")  # a run still going is not taken over
-    assert busy.returncode == 1 and f"that run is still running (process {proc.pid}" in " ".join(busy.stdout.split())
+    said = " ".join(busy.stdout.split())
+    assert busy.returncode == 1 and f"that run is not continued: it is still running (process {proc.pid}" in said
     time.sleep(1)  # inside a training step
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
@@ -283,7 +285,7 @@ def nan_net(input_shape, num_classes):
 
 
 def test_a_non_finite_loss_stops_with_its_step_and_keeps_the_last_good_checkpoint(kd):
-    # The step schedule multiplies the learning rate by 1e12 after the first epoch: epoch 2 diverges.
+    # The step schedule multiplies the learning rate by 1000 after the first epoch: epoch 2 diverges.
     r = kd(
         "train-teacher",
         "teacher=mlp",
@@ -291,17 +293,20 @@ def test_a_non_finite_loss_stops_with_its_step_and_keeps_the_last_good_checkpoin
         "dataset.limit=512",
         "scheduler=step",
         "scheduler.step_epochs=1",
-        "scheduler.gamma=1e12",
+        "scheduler.gamma=1000",
     )
     out = " ".join(r.stdout.split())
     assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr
-    assert "The training loss became NaN or infinite at step" in out and "of epoch 2" in out
-    assert "a learning rate too high (5e+10 at that step; optimizer.lr=0.05)" in out
+    # lr 50 in epoch 2 overflows the loss to NaN, or only to 1e16 and then lr 5e4 in epoch 3 does
+    m = re.search(r"The training loss became NaN or infinite at step \d+ of epoch (\d)", out)
+    epoch = int(m.group(1))
+    assert epoch in (2, 3), out
+    assert f"a learning rate too high ({'50' if epoch == 2 else '5e+04'} at that step; optimizer.lr=0.05)" in out
     (run,) = run_dirs(kd.dir, "train_teacher")
     last = run / "checkpoints" / "teacher_last.pt"
-    assert f"The last good checkpoints are kept: {last} (epoch 1)" in out
+    assert f"The last good checkpoints are kept: {last} (epoch {epoch - 1})" in out
     ckpt = checkpoint.load(last)
-    assert ckpt["epoch"] == 1 and all(bool(v.isfinite().all()) for v in ckpt["state_dict"].values())
+    assert ckpt["epoch"] == epoch - 1 and all(bool(v.isfinite().all()) for v in ckpt["state_dict"].values())
     assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
 
 

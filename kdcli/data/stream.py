@@ -33,12 +33,17 @@ class _Augment:
     uint8 image, drawn from a generator seeded by (epoch seed, sample index): the result does
     not depend on which worker process, or how many, decode the sample."""
 
-    def __init__(self, shift: int, flip: bool):
-        self.shift, self.flip = shift, flip
+    def __init__(self, shift: int, flip: bool, affine: bool = False):
+        self.shift, self.flip, self.affine = shift, flip, affine
 
     def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
-        if self.shift:
+        if self.affine:  # rotation, scaling and the shift in one map (kdcli/data/device.py), black fill
+            from kdcli.data.device import affine_batch
+
+            moved = affine_batch(x[None].float(), self.shift, torch.zeros(x.shape[0]), g)[0]
+            x = moved.round().clamp(0, 255).to(x.dtype)
+        elif self.shift:
             s, (h, w) = self.shift, x.shape[1:]
             dy, dx = torch.randint(0, 2 * s + 1, (2,), generator=g).tolist()
             x = torch.nn.functional.pad(x, (s, s, s, s))[:, dy : dy + h, dx : dx + w]
@@ -170,14 +175,16 @@ class StreamSplit:
 
 
 class StreamData:
-    def __init__(self, splits: Splits, device: torch.device, shift: int = 0, flip: bool = False, workers: int = 0):
+    def __init__(
+        self, splits: Splits, device: torch.device, shift: int = 0, flip: bool = False, workers: int = 0, affine=False
+    ):
         from torchvision.transforms import v2
 
         self.info: DataInfo = splits.info
         self.device = device
         self.shift, self.flip, self.workers = int(shift), bool(flip), int(workers)
         to_input = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.info.mean, self.info.std)])
-        augment = _Augment(self.shift, self.flip) if self.shift or self.flip else None
+        augment = _Augment(self.shift, self.flip, bool(affine)) if self.shift or self.flip or affine else None
         # `train` is the training split as the engine reads it (evaluation, shapes): not augmented.
         self.train, self.val, self.test = (
             StreamSplit(s, to_input, device, self.workers) for s in (splits.train, splits.val, splits.test)
@@ -230,8 +237,8 @@ def open_data(
     splits: Splits, device: torch.device, shift: int = 0, flip: bool = False, storage="auto", workers=None, affine=False
 ):
     """DeviceData (whole splits as tensors on the device) when they fit in the memory budget,
-    else StreamData; `storage=memory|stream` forces the choice. affine (augment=affine) needs
-    the data in memory."""
+    else StreamData; `storage=memory|stream` forces the choice. affine: random rotations and
+    scaling on top of the shift (augment=affine, dataset.affine)."""
     from dataclasses import replace
 
     from kdcli.data.device import DeviceData
@@ -249,12 +256,7 @@ def open_data(
                 f"streaming with {workers} worker processes (dataset.storage=memory to force)"
             )
     if storage == "stream":
-        if affine:
-            raise KdError(
-                "augment=affine is applied to batches held in memory; this dataset is streamed (dataset.storage="
-                "stream or too large for memory). Use augment=standard, or dataset.storage=memory if it fits."
-            )
-        return StreamData(splits, device, shift, flip, workers)
+        return StreamData(splits, device, shift, flip, workers, affine)
     lazy = {
         k: decode_all(getattr(splits, k), workers, k)
         for k in ("train", "val", "test")
