@@ -325,7 +325,7 @@ def _print_results(results: dict) -> None:
         )
     console.print(
         table(
-            "Test accuracy (checkpoint chosen on validation)",
+            "Test accuracy (the checkpoint trainer.selection keeps)",
             ["", "model", "test acc %", "last epoch %", "agrees w. teacher %", "params", "MFLOPs/img"],
             rows,
         )
