@@ -347,13 +347,13 @@ def _print_results(results: dict) -> None:
 def gain_line(g: dict) -> str:
     """The KD gain with its uncertainty, as the results table's last line."""
     lo, hi = (100 * v for v in g["ci"])
-    verdict = (
-        "a real gain"
-        if g["p_value"] < 0.05 and g["gain"] > 0
-        else ("a real loss" if g["p_value"] < 0.05 else "within chance")
-    )
+    if g["p_value"] >= 0.05:
+        verdict = "within chance"
+    else:
+        verdict = "a significant gain (p < 0.05)" if g["gain"] > 0 else "a significant loss (p < 0.05)"
     return (
         f"KD gain over the scratch student: [bold]{100 * g['gain']:+.2f}[/bold] points of test accuracy "
-        f"({100 * g['level']:.0f} % interval {lo:+.2f} to {hi:+.2f}; McNemar exact p = {g['p_value']:.2g} on "
-        f"{g['only_new']} vs {g['only_base']} images only one of them gets right, of {g['n']}): {verdict}"
+        f"({100 * g['level']:.0f} % interval {lo:+.2f} to {hi:+.2f}; McNemar exact p = {g['p_value']:.2g}: "
+        f"{g['only_new']} test images only the distilled student gets right, {g['only_base']} only the scratch "
+        f"one, of {g['n']}): {verdict}"
     )
