@@ -60,7 +60,7 @@ _DATA_KEYS = ("dataset", "device", "data_root", "augment")
 class Result:
     """What train_teacher and distill return.
 
-    model: the trained module, with its best-on-validation weights (the very object passed in,
+    model: the trained module, with the weights trainer.selection keeps (the very object passed in,
     if a module was). metrics: its figures (test_acc, test_nll, test_acc_last, val_acc,
     best_epoch, params, flops, arch, checkpoint; distill adds teacher_agreement, and kd_gain and
     kd_gain_test (its paired test) with baseline=True). checkpoint: its best checkpoint, a kdcli

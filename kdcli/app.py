@@ -329,6 +329,8 @@ def _resolved(cfg: DictConfig, key: str | None):
     except OmegaConfBaseException as e:
         where = getattr(e, "full_key", None) or key
         cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "HydraConfig" in str(e):
+            return None  # ${hydra:...} resolves only once Hydra runs the job: not ours to judge here
         raise KdError(
             f"{where}: its value does not resolve ({cause}). Give a plain value, or an interpolation that resolves "
             "(e.g. ${oc.env:NAME,default} for an environment variable that may be unset)."

@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             return report_cmd.main(args)
         if command in ("train_teacher", "distill"):
             args = resumed_overrides(args)
-        if command == "distill":  # teacher_train starts empty: its keys are added (Hydra's +key=value)
-            args = [f"+{a}" if a.startswith("teacher_train.") else a for a in args]
+        if command == "distill":  # teacher_train starts empty: its keys are added (++: also when resume= gave them)
+            args = [f"++{a}" if a.startswith("teacher_train.") else a for a in args]
         smoke = _prepare(command, args)
         if smoke:  # right after debug=smoke, among the other overrides (argparse wants them together)
             at = args.index("debug=smoke") + 1

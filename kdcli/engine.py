@@ -2,7 +2,7 @@
 
 `fit` trains one or several models (trainees) on the same (augmented) batches, each with its
 objective against frozen teachers or against the other trainees (online distillation); keeps
-the best-on-validation and the last checkpoints of each, appends one line per epoch and model
+the checkpoint trainer.selection keeps and the last one of each, appends one line per epoch and model
 to metrics.jsonl, and reports test accuracy of both checkpoints. Model selection never looks at
 the test split.
 """
@@ -63,7 +63,7 @@ def evaluate(model: nn.Module, split: DeviceSplit | StreamSplit, batch_size: int
 
 @dataclass
 class FitResult:
-    model: nn.Module  # the best-on-validation weights (the last ones with keep="last")
+    model: nn.Module  # the weights trainer.selection kept (the last ones with keep="last")
     metrics: dict
     best_path: Path
     last_path: Path

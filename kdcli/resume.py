@@ -105,9 +105,15 @@ def _flat(d, prefix: str = "") -> dict:
     return {prefix[:-1]: d}
 
 
+# Keys added after runs were recorded, with the value that those runs behaved by: a config.yaml
+# without them is compared as if it held these (resume=auto of an older run asks for them).
+LEGACY = {"trainer.selection": "val_acc", "distill_lr_scale": 1.0, "dataset.affine": False}
+
+
 def config_diff(current: dict, previous: dict) -> list[str]:
     """'key: previous -> current' for each key (outside MAY_DIFFER) whose value differs."""
     a, b = _flat(current), _flat(previous)
+    b.update({k: v for k, v in LEGACY.items() if k in a and k not in b})
     keys = [k for k in dict.fromkeys([*b, *a]) if not any(k == m or k.startswith(m + ".") for m in MAY_DIFFER)]
     return [f"{k}: {b.get(k, '(unset)')} -> {a.get(k, '(unset)')}" for k in keys if a.get(k) != b.get(k)]
 

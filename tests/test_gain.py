@@ -76,3 +76,19 @@ def test_selection_rule(selection, history, row, expected):
 def test_the_first_epoch_is_always_selected():
     st = {"best_state": None, "best_epoch": 0, "rows": rows((0.1, 2.0))}
     assert _better("val_acc", st["rows"][0], st)
+
+
+def test_runs_recorded_before_a_key_existed_compare_with_the_value_they_ran_with():
+    from kdcli.resume import config_diff
+
+    old = {"trainer": {"epochs": 30}, "dataset": {"name": "mnist5k"}}  # before selection, lr scale, affine
+    now = {"trainer": {"epochs": 30, "selection": "last"}, "distill_lr_scale": "auto", "dataset": {**old["dataset"]}}
+    now["dataset"]["affine"] = True
+    assert config_diff(now, old) == [
+        "trainer.selection: val_acc -> last",
+        "distill_lr_scale: 1.0 -> auto",
+        "dataset.affine: False -> True",
+    ]
+    same = {"trainer": {"epochs": 30, "selection": "val_acc"}, "distill_lr_scale": 1.0, "dataset": {**old["dataset"]}}
+    same["dataset"]["affine"] = False
+    assert config_diff(same, old) == []  # so `resume=DIR trainer.selection=val_acc ...` continues such a run

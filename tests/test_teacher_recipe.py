@@ -70,3 +70,10 @@ def test_metrics_and_table_carry_the_paired_test_of_the_gain(kd):
     assert g["gain"] == pytest.approx((g["only_new"] - g["only_base"]) / g["n"])
     assert g["ci"][0] <= g["gain"] <= g["ci"][1] and 0 <= g["p_value"] <= 1
     assert f"McNemar exact p = {g['p_value']:.2g}" in r.stdout
+
+
+def test_hydra_interpolations_still_resolve_in_the_job(kd):
+    r = kd("distill", "-m", "debug=smoke", "seed=${hydra:job.num}", "baseline=false")
+    assert r.returncode == 0, r.stdout + r.stderr
+    (job,) = (d for d in next((kd.dir / "runs" / "distill-multirun").iterdir()).iterdir() if d.name == "0")
+    assert json.loads((job / "metrics.json").read_text())["status"] == "completed"

@@ -124,7 +124,9 @@ def find_teacher_run(runs_dir: str | Path, recipe: DictConfig) -> Path | None:
         if m.get("split_version") != SPLIT_VERSION or not ckpt.is_file() or not config.is_file():
             continue
         try:
-            diff = config_diff(wanted, OmegaConf.to_container(OmegaConf.load(config), resolve=False))
+            previous = OmegaConf.load(config)
+            recorded = {**OmegaConf.to_container(previous, resolve=False), "dataset": dataset_config(previous)}
+            diff = config_diff(wanted, recorded)  # (dataset_config: a folder's root made absolute, as in wanted)
         except Exception:  # an unreadable record is no match
             continue
         if not diff:

@@ -82,8 +82,12 @@ class Run:
             lr = self.cfg.optimizer.lr
             log.info(
                 f"{role:<8} learning rate {lr:g} x {scale:.3g} = {lr * scale:.3g}: "
-                f"the T^2-scaled {self.cfg.loss.name} term's gradient is up to T times the labels' "
-                "(distill_lr_scale=1 keeps optimizer.lr)"
+                + (
+                    f"the T^2-scaled {self.cfg.loss.name} term's gradient is up to T times the labels' "
+                    "(distill_lr_scale=1 keeps optimizer.lr)"
+                    if self.cfg.get("distill_lr_scale", "auto") == "auto"
+                    else "distill_lr_scale"
+                )
             )
         return Trainee(role, model, objective, self.meta(spec), taps=taps, lr_scale=scale, **kw)
 
@@ -182,7 +186,7 @@ class Run:
             f"warning  the teacher is not clearly better than the student trained on labels: "
             f"{100 * t['gain']:+.2f} points on the validation split (paired test p = {t['p_value']:.2g}). Distillation "
             "has little to add then. Fix: a stronger teacher (e.g. teacher=resnet20) or one trained longer "
-            "(teacher_train.trainer.epochs=60), or pass a better one with teacher.ckpt=PATH."
+            "(teacher_train.trainer.epochs=120), or pass a better one with teacher.ckpt=PATH."
         )
 
     def finish(self, final: str = "student") -> dict:
