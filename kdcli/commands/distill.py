@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from kdcli import checkpoint, distributed
 from kdcli.app import Context
 from kdcli.commands import train_teacher
-from kdcli.commands.common import dataset_config, device_data, find_teacher_run, open_dataset
+from kdcli.commands.common import augmentation, dataset_config, device_data, find_teacher_run, open_dataset
 from kdcli.config import group_kwargs, model_spec
 from kdcli.data import DeviceData
 from kdcli.engine import Teacher, batches
@@ -86,18 +86,20 @@ def obtain_teacher(cfg, data: DeviceData, ctx: Context) -> tuple:
         source = "teacher.ckpt"
     else:
         tcfg = train_teacher.recipe(cfg)
+        same_augmentation = augmentation(tcfg) == augmentation(cfg)  # then the run's data serves the teacher too
         unfinished = ctx.previous.get("teacher_run") if ctx.resume else None
         path = None if unfinished else distributed.decided_by_main(lambda: find_teacher_run(cfg.runs_dir, tcfg))
         source = "latest train-teacher run of this recipe"
         if path is None:
-            path, source = _train_teacher(tcfg, unfinished, ctx), "trained now"
+            path, source = _train_teacher(tcfg, unfinished, ctx, data if same_augmentation else None), "trained now"
     asked = model_spec(cfg.teacher) if source == "teacher.ckpt" else None
     return _load_teacher(path, source, data, dataset_cfg, ctx.device, asked)
 
 
-def _train_teacher(tcfg, unfinished: str | None, ctx: Context) -> str:
-    """Train the teacher of recipe `tcfg` on its own data (its augmentation), in a train-teacher run
-    directory that records it as `kd train-teacher` would; returns its kept checkpoint."""
+def _train_teacher(tcfg, unfinished: str | None, ctx: Context, data=None) -> str:
+    """Train the teacher of recipe `tcfg` on `data`, or, when its augmentation differs from the
+    student's (data None), on the dataset opened anew with its own; in a train-teacher run directory
+    that records it as `kd train-teacher` would. Returns its kept checkpoint."""
     if unfinished:
         run_dir = Path(unfinished)
         log.info(f"teacher  continuing the teacher this run was training, in {run_dir}")
@@ -113,7 +115,7 @@ def _train_teacher(tcfg, unfinished: str | None, ctx: Context) -> str:
     ctx.note("teacher_run", str(run_dir))
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(tcfg, resolve=True))
     write_json(run_dir / "metrics.json", {"command": "train_teacher", "status": "running", "for": str(ctx.run_dir)})
-    data = open_dataset(tcfg, ctx.device)
+    data = data if data is not None else open_dataset(tcfg, ctx.device)
     figures = train_teacher.train(tcfg, data, run_dir, ctx, resume=bool(unfinished))
     write_json(
         run_dir / "metrics.json",
