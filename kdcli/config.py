@@ -12,6 +12,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from kdcli.data.mix import MIXES
 from kdcli.data.splits import COMMON_DEFAULTS
 from kdcli.errors import KdError
 from kdcli.registry import DATASETS, FEATURE_LOSSES, LOSSES, MODELS, load_builtins
@@ -54,6 +55,8 @@ class TrainTeacherConfig(CommonConfig):
     scheduler: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     augment: str = "standard"  # standard: dataset.shift / dataset.flip on the training split; none
+    mix: str = "none"  # none, mixup or cutmix of each training batch with itself shuffled (kdcli/data/mix.py)
+    mix_alpha: float = 1.0  # lam ~ Beta(mix_alpha, mix_alpha)
     resume: Optional[str] = None  # auto (the latest unfinished run of this config) or a run directory
 
 
@@ -330,6 +333,12 @@ def validate(cfg: DictConfig, command: str) -> None:
             f"augment={cfg.augment}: choose standard (the dataset's shifts/flips), affine (also random rotations "
             "of up to 15 degrees and scaling by up to 10 %) or none.",
         )
+        _check(
+            cfg.get("mix", "none") in MIXES,
+            f"mix={cfg.get('mix')}: choose none, mixup (lam * x + (1 - lam) * x[perm]) or cutmix (a box of x[perm]).",
+        )
+        _at_least(cfg, "mix_alpha", 0, strict=True)
+        _within(cfg, "mix_alpha", 0, 1e3)
         _at_least(cfg, "trainer.label_smoothing", 0)
         _at_least(cfg, "trainer.save_every_min", 0, nullable=True, strict=True)
         _check(

@@ -25,7 +25,8 @@ from kdcli import checkpoint, distributed, interrupt
 from kdcli import resume as resume_mod
 from kdcli.accel import Speed
 from kdcli.data import DeviceData
-from kdcli.data.device import DeviceSplit
+from kdcli.data.device import DeviceSplit, mix_seed
+from kdcli.data.mix import mix_batch
 from kdcli.data.stream import StreamData, StreamSplit
 from kdcli.errors import KdError
 from kdcli.files import append_jsonl
@@ -178,7 +179,7 @@ class _Step(nn.Module):
         self.objectives = nn.ModuleList(t.objective for t in trainees)
         self.forwards = [speed.forward_of(t.model) for t in trainees]
 
-    def forward(self, x, y, idx, t_logits, t_feats):
+    def forward(self, x, y, idx, t_logits, t_feats, mixed=None):
         outs = {}
         for t, run in zip(self.trainees, self.forwards):
             logits = run(x)
@@ -192,20 +193,22 @@ class _Step(nn.Module):
                 )
             outs[t.role] = (logits, feats, source_feats)
         with self.speed.full_precision():
-            return self._losses(outs, y, idx, t_logits, t_feats)
+            return self._losses(outs, y, idx, t_logits, t_feats, mixed)
 
-    def _losses(self, outs: dict, y, idx, t_logits, t_feats):
+    def _losses(self, outs: dict, y, idx, t_logits, t_feats, mixed):
         total, losses = 0.0, []
         for t in self.trainees:
             logits, feats, _ = outs[t.role]
             if t.sources:
                 terms = [
-                    t.objective(logits, [outs[s][0].detach()], y, feats, [f.detach() for f in outs[s][2]], idx)[0]
+                    t.objective(logits, [outs[s][0].detach()], y, feats, [f.detach() for f in outs[s][2]], idx, mixed)[
+                        0
+                    ]
                     for s in t.sources
                 ]
                 loss = sum(terms) / len(terms)
             else:
-                loss, _ = t.objective(logits, t_logits, y, feats, t_feats, idx)
+                loss, _ = t.objective(logits, t_logits, y, feats, t_feats, idx, mixed)
             total = total + loss
             # Logits detached: what DDP finds reachable from the outputs is what the loss reaches
             losses.append((loss, logits.detach()))
@@ -242,6 +245,7 @@ def fit(
     single = isinstance(trainees, Trainee)
     trainees = [trainees] if single else list(trainees)
     tcfg = cfg.trainer
+    mix, mix_alpha = str(cfg.get("mix", "none")), float(cfg.get("mix_alpha", 1.0))
     epochs = int(epochs or tcfg.epochs)
     steps = epoch_steps(data, tcfg)
     for t in trainees:
@@ -315,6 +319,7 @@ def fit(
             ):
                 if step >= steps:
                     break
+                x, y, idx, mixed = mix_batch(x, y, idx, mix, mix_alpha, mix_seed(loop.epoch_seed, step))
                 x = speed.layout(x)
                 t_logits, t_feats = None, []
                 if use_teachers:
@@ -322,7 +327,7 @@ def fit(
                         t_logits = [teacher.outputs(x, idx) for teacher in teachers]
                         t_feats = [f for teacher in teachers for f in teacher.features(idx)]
                 with speed.autocast(), record_function("kd:forward+loss"):
-                    total, losses = runner(x, y, idx, t_logits, t_feats)
+                    total, losses = runner(x, y, idx, t_logits, t_feats, mixed)
                 batch_sums = [
                     torch.stack([loss.detach().float() * len(y), (logits.detach().argmax(1) == y).sum()])
                     for loss, logits in losses

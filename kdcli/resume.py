@@ -107,7 +107,13 @@ def _flat(d, prefix: str = "") -> dict:
 
 # Keys added after runs were recorded, with the value that those runs behaved by: a config.yaml
 # without them is compared as if it held these (resume=auto of an older run asks for them).
-LEGACY = {"trainer.selection": "val_acc", "distill_lr_scale": 1.0, "dataset.affine": False}
+LEGACY = {
+    "trainer.selection": "val_acc",
+    "distill_lr_scale": 1.0,
+    "dataset.affine": False,
+    "mix": "none",
+    "mix_alpha": 1.0,
+}
 
 
 def config_diff(current: dict, previous: dict) -> list[str]:

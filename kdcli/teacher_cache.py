@@ -49,6 +49,8 @@ def why_not(cfg, objective, teacher_paths: list, data=None) -> str | None:
         return "a teacher given as a module (kdcli.distill) has no checkpoint file to key the outputs by"
     if any(augmentation(cfg)):
         return "random augmentation (augment=standard with dataset.shift/flip): the teachers see each augmented batch"
+    if cfg.get("mix", "none") != "none":
+        return f"mix={cfg.mix}: the teachers see each mixed batch"
     size = feature_bytes(objective, data) if objective.features and data is not None else 0
     if size > FEATURE_LIMIT:
         return (

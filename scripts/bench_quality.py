@@ -41,6 +41,12 @@ METHODS = {
     "kd_no_aug": ["augment=none"],  # neither student augmented; the teacher keeps its own recipe
     "kd_shift_only": ["dataset.affine=false"],  # shifts only, for students and teacher (the defaults before)
     "kd_teacher60": ["teacher_train.trainer.epochs=60"],  # a teacher trained twice as long
+    "kd_mixup": ["mix=mixup"],  # both students on mixup batches; the teacher on the same mixed images
+    "kd_cutmix": ["mix=cutmix"],
+    "kd_cutmix60": ["mix=cutmix", "trainer.epochs=60"],
+    "kd_60": ["trainer.epochs=60"],
+    # Beyer et al. 2022 (function matching): the teacher's softmax at T 1 on the mixed images only, no labels, long
+    "funmatch": ["mix=mixup", "alpha=0", "T=1", "trainer.epochs=120"],
     "soft_ce": ["loss=soft_ce"],
     "dkd": ["loss=dkd", "schedule.warmup=5"],  # Zhao et al. 2022: alpha 1, beta 8, warm-up of the term
     "dist": ["loss=dist", "T=1", "alpha=0.5"],  # Huang et al. 2022: T 1, beta = gamma = 1

@@ -75,7 +75,8 @@ def same_weights(a: Path, b: Path) -> bool:
 
 def test_train_teacher_killed_mid_epoch_resumes_to_the_same_weights(kd):
     # Mid-epoch states every 0.12 s, so the kill lands after one of them: the resume starts inside an epoch.
-    args = [*LONG_EPOCHS, "trainer.save_every_min=0.002"]
+    # CutMix too: each step's draws follow from its seed, so the resumed steps mix as the first run's did.
+    args = [*LONG_EPOCHS, "trainer.save_every_min=0.002", "mix=cutmix"]
     ref = kd("train-teacher", *args)
     assert ref.returncode == 0, ref.stdout + ref.stderr
     (reference,) = run_dirs(kd.dir, "train_teacher")

@@ -99,8 +99,9 @@ class FeatureTerm(nn.Module):
 
 class Objective(nn.Module):
     """Callable as objective(student_logits, teacher_logits, targets, student_feats,
-    teacher_feats, idx) -> (loss, parts), after set_epoch(epoch, epochs). teacher_logits is a
-    list (one per teacher) or None for plain training on the labels."""
+    teacher_feats, idx, mixed) -> (loss, parts), after set_epoch(epoch, epochs). teacher_logits is a
+    list (one per teacher) or None for plain training on the labels; mixed (kdcli/data/mix.py), for
+    a mixup/cutmix batch, splits the hard-label term between each pair's two labels."""
 
     def __init__(
         self,
@@ -179,11 +180,14 @@ class Objective(nn.Module):
             total = total + w * self.term(s_logits[:, cmap], z, local, self.T)
         return total / sum(self.teacher_weights)
 
-    def forward(self, s_logits, t_logits, targets, s_feats=(), t_feats=(), idx=None):
+    def forward(self, s_logits, t_logits, targets, s_feats=(), t_feats=(), idx=None, mixed=None):
         parts = {}
         loss = s_logits.new_zeros(())
         if not self.hint:
             ce = F.cross_entropy(s_logits, targets, label_smoothing=self.label_smoothing)
+            if mixed is not None:  # lam * CE(y) + (1 - lam) * CE(y[perm])
+                partner = F.cross_entropy(s_logits, mixed.partner, label_smoothing=self.label_smoothing)
+                ce = mixed.lam * ce + (1 - mixed.lam) * partner
             parts["ce"] = ce.detach()
             alpha = self.alpha if self.needs_teacher and t_logits is not None else 1.0
             loss = loss + alpha * ce
