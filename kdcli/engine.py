@@ -26,7 +26,7 @@ from kdcli import resume as resume_mod
 from kdcli.accel import Speed
 from kdcli.data import DeviceData
 from kdcli.data.device import DeviceSplit, mix_seed
-from kdcli.data.mix import mix_batch
+from kdcli.data.mix import mix_batch, mixing
 from kdcli.data.stream import StreamData, StreamSplit
 from kdcli.errors import KdError
 from kdcli.files import append_jsonl
@@ -245,7 +245,13 @@ def fit(
     single = isinstance(trainees, Trainee)
     trainees = [trainees] if single else list(trainees)
     tcfg = cfg.trainer
-    mix, mix_alpha = str(cfg.get("mix", "none")), float(cfg.get("mix_alpha", 1.0))
+    mix, mix_alpha = mixing(cfg)
+    if mix != "none":
+        log.info(
+            f"mix      {mix} of each training batch with itself shuffled, lam ~ Beta({mix_alpha:g}, {mix_alpha:g})"
+            f"{'; the teachers label the mixed images' if teachers else ''}; train accuracy is against each "
+            "mixed image's larger part"
+        )
     epochs = int(epochs or tcfg.epochs)
     steps = epoch_steps(data, tcfg)
     for t in trainees:

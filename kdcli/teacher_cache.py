@@ -24,6 +24,7 @@ import torch
 
 from kdcli import checkpoint, distributed
 from kdcli.commands.common import augmentation, data_identity, dataset_config
+from kdcli.data.mix import mixing
 from kdcli.data.splits import SPLIT_VERSION
 from kdcli.engine import Teacher, batches
 from kdcli.errors import KdError
@@ -49,7 +50,7 @@ def why_not(cfg, objective, teacher_paths: list, data=None) -> str | None:
         return "a teacher given as a module (kdcli.distill) has no checkpoint file to key the outputs by"
     if any(augmentation(cfg)):
         return "random augmentation (augment=standard with dataset.shift/flip): the teachers see each augmented batch"
-    if cfg.get("mix", "none") != "none":
+    if mixing(cfg)[0] != "none":
         return f"mix={cfg.mix}: the teachers see each mixed batch"
     size = feature_bytes(objective, data) if objective.features and data is not None else 0
     if size > FEATURE_LIMIT:

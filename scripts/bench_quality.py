@@ -32,21 +32,21 @@ from kdcli.report import console, table
 
 # name -> the method's kd distill overrides (the papers' settings where they give them)
 METHODS = {
-    "kd": [],  # the default objective and recipe (README: The loss)
+    "kd": [],  # the defaults: cutmix for both students (the teacher labels the mixed images), 60 epochs
+    "kd_no_mix": ["mix=none"],  # the same without mixing: the best scratch student measured
+    "kd_30": ["trainer.epochs=30"],
+    "kd_no_mix30": ["mix=none", "trainer.epochs=30"],  # the defaults before cutmix
+    "kd_mixup": ["mix=mixup"],  # both students on mixup batches; the teacher on the same mixed images
+    # Beyer et al. 2022 (function matching): the teacher's softmax at T 1 on the mixed images only, no labels, long
+    "funmatch": ["mix=mixup", "alpha=0", "T=1", "trainer.epochs=120"],
     "kd_T1": ["T=1"],
     "kd_T8": ["T=8"],
     "kd_alpha0.5": ["alpha=0.5"],
     "kd_patient": ["trainer.epochs=120"],  # Beyer et al. 2022: consistent teaching, long schedules
     "kd_unscaled_lr": ["distill_lr_scale=1"],  # the student at the labels' learning rate (before distill_lr_scale)
-    "kd_no_aug": ["augment=none"],  # neither student augmented; the teacher keeps its own recipe
-    "kd_shift_only": ["dataset.affine=false"],  # shifts only, for students and teacher (the defaults before)
-    "kd_teacher60": ["teacher_train.trainer.epochs=60"],  # a teacher trained twice as long
-    "kd_mixup": ["mix=mixup"],  # both students on mixup batches; the teacher on the same mixed images
-    "kd_cutmix": ["mix=cutmix"],
-    "kd_cutmix60": ["mix=cutmix", "trainer.epochs=60"],
-    "kd_60": ["trainer.epochs=60"],
-    # Beyer et al. 2022 (function matching): the teacher's softmax at T 1 on the mixed images only, no labels, long
-    "funmatch": ["mix=mixup", "alpha=0", "T=1", "trainer.epochs=120"],
+    "kd_no_aug": ["augment=none"],  # neither student augmented nor mixed; the teacher keeps its own recipe
+    "kd_shift_only": ["dataset.affine=false", "mix=none"],  # shifts only, for students and teacher
+    "kd_teacher120": ["teacher_train.trainer.epochs=120"],  # a teacher trained twice as long
     "soft_ce": ["loss=soft_ce"],
     "dkd": ["loss=dkd", "schedule.warmup=5"],  # Zhao et al. 2022: alpha 1, beta 8, warm-up of the term
     "dist": ["loss=dist", "T=1", "alpha=0.5"],  # Huang et al. 2022: T 1, beta = gamma = 1

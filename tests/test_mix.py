@@ -146,3 +146,15 @@ def test_the_teacher_sees_the_student_s_mixed_batch(tmp_path, mix):
         assert all(is_training_image)
     else:  # lam < 1 almost surely: mixed images are none of the training images
         assert sum(is_training_image) < len(is_training_image) // 2
+
+
+def test_augment_none_turns_mixing_off_and_the_teacher_cache_says_why_it_is_not_used():
+    from kdcli.data.mix import mixing
+    from kdcli.teacher_cache import why_not
+
+    assert mixing(OmegaConf.create({"augment": "none", "mix": "cutmix", "mix_alpha": 0.4})) == ("none", 1.0)
+    assert mixing(OmegaConf.create({"augment": "standard", "mix": "cutmix", "mix_alpha": 0.4})) == ("cutmix", 0.4)
+    base = {"teacher_cache": "auto", "dataset": {"shift": 0, "flip": False}, "mix": "mixup", "mix_alpha": 1.0}
+    reason = why_not(OmegaConf.create({**base, "augment": "standard"}), Objective(kd()), [__file__])
+    assert reason == "mix=mixup: the teachers see each mixed batch"
+    assert why_not(OmegaConf.create({**base, "augment": "none"}), Objective(kd()), [__file__]) is None

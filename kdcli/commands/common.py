@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdcli import distributed
 from kdcli.config import augmenting, model_spec
 from kdcli.data import DeviceData, load_splits
+from kdcli.data.mix import mixing
 from kdcli.data.splits import SPLIT_VERSION
 from kdcli.data.stream import StreamData, open_data
 from kdcli.errors import KdError
@@ -81,6 +82,7 @@ def open_dataset(cfg, device: torch.device, storage: str | None = None) -> Devic
         f"input {data.info.input_shape}, {data.info.num_classes} classes, {where}, "
         f"augmentation: {f'shift {shift}px' if shift else 'no shift'}{', flip' if flip else ''}"
         f"{', rotation and scale (affine)' if affine else ''}"
+        f"{f', {mixing(cfg)[0]} of each batch' if mixing(cfg)[0] != 'none' else ''}"
     )
     return data
 

@@ -28,6 +28,14 @@ class Mixed:
     lam: float
 
 
+def mixing(cfg) -> tuple[str, float]:
+    """The mixing a run's training batches get, (kind, alpha): cfg.mix, unless augment=none, which
+    turns every random augmentation off, mixing included."""
+    if str(cfg.get("augment", "standard")).lower() in ("none", "false"):
+        return "none", 1.0
+    return str(cfg.get("mix", "none")), float(cfg.get("mix_alpha", 1.0))
+
+
 def cut_box(h: int, w: int, lam: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
     """A box (top, bottom, left, right) of about (1 - lam) * h * w pixels around a uniform centre,
     clipped to the image (CutMix's sampling)."""
