@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import TYPE_CHECKING
 
 from kdcli.errors import KdError
 from kdcli.report import error
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 COMMANDS = {
     "train-teacher": ("train_teacher", "train a teacher model on a dataset"),
@@ -78,6 +82,11 @@ def _prepare(command: str, args: list[str]) -> list[str]:
     """Import user modules and register configs, then check every override against the
     composed config, so a typo is answered with the keys or options that exist. Returns the
     overrides that `debug=smoke` stands for (see SMOKE in kdcli/config.py)."""
+    return _checked(command, args)[0]
+
+
+def _checked(command: str, args: list[str]) -> tuple[list[str], DictConfig]:
+    """_prepare's work; also returns the config composed from the command line's group choices."""
     from kdcli.config import register_configs
     from kdcli.registry import import_user_modules, load_builtins, load_plugins
 
@@ -133,7 +142,7 @@ def _collapse_families(options: list[str]) -> list[str]:
     return kept + MODELS.family_entries(p for p in prefixes if any(o.startswith(p) for o in options))
 
 
-def _check_overrides(command: str, parsed: list) -> list[str]:
+def _check_overrides(command: str, parsed: list) -> tuple[list[str], DictConfig]:
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.types import OverrideType
@@ -192,11 +201,12 @@ def _check_overrides(command: str, parsed: list) -> list[str]:
         hint = did_you_mean(leaf, keys).replace("'", f"'{parent}.", 1)
         raise KdError(f"Unknown key '{o.key_or_group}'.{hint} Keys of {parent}: {', '.join(keys) or '(none)'}.")
     if not any(o.key_or_group == "debug" and _values(o) == ["smoke"] for o in ours):
-        return []
+        return [], cfg
     given = {o.key_or_group for o in ours}
-    return [
+    smoke = [
         f"{k}={v}" for k, v in SMOKE.items() if k not in given and OmegaConf.select(cfg, k, default="<no>") != "<no>"
     ]
+    return smoke, cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,10 +242,11 @@ def main(argv: list[str] | None = None) -> int:
             args = resumed_overrides(args)
         if command == "distill":  # teacher_train starts empty: its keys are added (++: also when resume= gave them)
             args = [f"++{a}" if a.startswith("teacher_train.") else a for a in args]
-        smoke = _prepare(command, args)
+        smoke, cfg = _checked(command, args)
         if smoke:  # right after debug=smoke, among the other overrides (argparse wants them together)
             at = args.index("debug=smoke") + 1
             args = args[:at] + smoke + args[at:]
+        args = _with_sweeper_overrides(command, args, cfg)
     except KdError as e:
         from kdcli.app import full_error
 
@@ -260,10 +271,27 @@ def main(argv: list[str] | None = None) -> int:
         check_before_start(command, args)
         hydra_app(command, module.run)()
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
+        code = e.code if isinstance(e.code, int) else 1
+        if code == 1:  # not a signal's exit (128 + n), which says how to go on by itself
+            SweepSummary.stopped()
+        return code
     finally:
         distributed.close()
     return 1 if (Outcome.failed or SweepSummary.failed) else 0
+
+
+def _with_sweeper_overrides(command: str, args: list[str], cfg: DictConfig) -> list[str]:
+    """args with what an optimising sweeper needs (kdcli/search.py), right after its hydra/sweeper= choice."""
+    from kdcli import search
+
+    overrides = _overrides(args)
+    given = search.override_value(overrides, "objective")
+    objective = given if given is not None and "," not in given else str(cfg.get("objective", ""))
+    added = search.sweeper_overrides(command, overrides, objective)
+    if not added:
+        return args
+    at = max(i for i, a in enumerate(args) if "hydra/sweeper=" in a) + 1
+    return args[:at] + added + args[at:]
 
 
 def _join_processes(name: str, command: str, args: list[str]) -> list[str]:
