@@ -322,12 +322,13 @@ def _composed(command: str, args: list[str]) -> DictConfig | None:
     from hydra import compose, initialize_config_module
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from kdcli.cli import _overrides
+    from kdcli.cli import _overrides, search_path
 
     try:
         parsed = OverridesParser.create().parse_overrides(_overrides(args))
         with initialize_config_module(config_module="kdcli.configs", version_base="1.3", job_name=command):
             overrides = [o.input_line for o in parsed if not o.is_sweep_override()]
+            overrides = [o for o in overrides if not o.startswith("hydra.searchpath=")] + search_path(args, parsed)
             return compose(config_name=command, overrides=overrides, return_hydra_config=True)
     except Exception:
         return None

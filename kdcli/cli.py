@@ -68,6 +68,49 @@ def _overrides(args: list[str]) -> list[str]:
     return out
 
 
+def _config_dir(args: list[str]) -> str | None:
+    """The value of -cd/--config-dir DIR (or --config-dir=DIR); the last one counts, as in argparse."""
+    found, previous = None, ""
+    for a in args:
+        if previous in ("-cd", "--config-dir"):
+            found = a
+        elif a.startswith("--config-dir="):
+            found = a.split("=", 1)[1]
+        previous = a
+    return found
+
+
+def search_path(args: list[str], parsed: list) -> list[str]:
+    """The search path that Hydra adds to the packaged configs for this command line, as an
+    override for the compose API: -cd DIR first (Hydra puts it before the hydra.searchpath
+    entries), then hydra.searchpath=[...]. [] for none."""
+    import os
+
+    entries = []
+    folder = _config_dir(args)
+    if folder is not None:
+        if not os.path.isdir(folder):
+            raise KdError(
+                f"--config-dir {folder}: no such directory. It adds a folder of your configs to the packaged ones "
+                "(DIR/student/NAME.yaml is student=NAME, DIR/experiment/NAME.yaml is experiment=NAME)."
+            )
+        entries.append(f"file://{os.path.abspath(folder)}")
+    given = [o for o in parsed if o.key_or_group == "hydra.searchpath" and not o.is_sweep_override()]
+    if given:  # Hydra reads the first one
+        value = given[0].value()
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise KdError(
+                f"'{given[0].input_line}': hydra.searchpath takes a list of config folders, e.g. "
+                "hydra.searchpath=[file:///path/to/configs] (or -cd /path/to/configs)."
+            )
+        entries += value
+    if not entries:
+        return []
+    from kdcli.compose import fmt
+
+    return [f"hydra.searchpath={fmt(entries)}"]
+
+
 def _parse(overrides: list[str]):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
@@ -91,6 +134,7 @@ def _checked(command: str, args: list[str]) -> tuple[list[str], DictConfig]:
     from kdcli.registry import import_user_modules, load_builtins, load_plugins
 
     parsed = _parse(_overrides(args))
+    extra = search_path(args, parsed)
     if command in ("train_teacher", "distill"):
         _check_resume(command, parsed)
     for o in parsed:
@@ -101,7 +145,7 @@ def _checked(command: str, args: list[str]) -> tuple[list[str], DictConfig]:
     load_builtins()
     load_plugins()
     register_configs()
-    return _check_overrides(command, parsed)
+    return _check_overrides(command, parsed, extra)
 
 
 def resumed_overrides(args: list[str]) -> list[str]:
@@ -142,7 +186,9 @@ def _collapse_families(options: list[str]) -> list[str]:
     return kept + MODELS.family_entries(p for p in prefixes if any(o.startswith(p) for o in options))
 
 
-def _check_overrides(command: str, parsed: list) -> tuple[list[str], DictConfig]:
+def _check_overrides(command: str, parsed: list, extra: list[str] = ()) -> tuple[list[str], DictConfig]:
+    """extra: the search path override (search_path), so that the user's config folders are
+    composed with the packaged configs as Hydra composes them."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.types import OverrideType
@@ -153,23 +199,31 @@ def _check_overrides(command: str, parsed: list) -> tuple[list[str], DictConfig]
 
     name = f"kd {command.replace('_', '-')}"
     ours = [o for o in parsed if not o.key_or_group.startswith("hydra")]
+    extra = list(extra)
     with initialize_config_module(config_module="kdcli.configs", version_base="1.3", job_name=command):
         loader = GlobalHydra.instance().config_loader()
-        cfg = compose(config_name=command, return_hydra_config=True)
+        try:
+            cfg = compose(config_name=command, overrides=extra, return_hydra_config=True)
+        except Exception as e:  # a user's config folder whose YAML does not compose
+            raise KdError(f"{name}: the config does not compose: {e}") from None
         groups = {g for g in cfg.hydra.runtime.choices if not g.startswith("hydra")}
         known = {k for k in cfg if k != "hydra"} | groups
         selections = []
         for o in ours:
             top = o.key_or_group.split(".")[0]
-            if top not in known:
+            # +group=option adds a group that the defaults do not list: one of the user's config folders
+            added = o.type == OverrideType.ADD and bool(
+                loader.get_group_options(o.key_or_group, config_name=command, overrides=extra)
+            )
+            if top not in known and not added:
                 raise KdError(
                     f"Unknown key '{top}' in '{o.input_line}'.{did_you_mean(top, known)} "
                     f"Keys of {name}: {', '.join(sorted(known))}."
                 )
             if o.type == OverrideType.DEL:
                 raise KdError(f"'{o.input_line}': {name} needs {o.key_or_group}; set another value instead.")
-            if o.key_or_group in groups:
-                options = loader.get_group_options(o.key_or_group)
+            if o.key_or_group in groups or added:
+                options = loader.get_group_options(o.key_or_group, config_name=command, overrides=extra)
                 for value in _values(o):
                     # A group may take several options at once: features=[at,rkd].
                     for v in value.strip("[]").split(",") if value.startswith("[") else [value]:
@@ -180,9 +234,9 @@ def _check_overrides(command: str, parsed: list) -> tuple[list[str], DictConfig]
                                 f"Unknown {top} '{v}'.{did_you_mean(v, options)} "
                                 f"Options for {top}: {', '.join(_collapse_families(options))}."
                             )
-                selections.append(f"{o.key_or_group}={_values(o)[0]}")
+                selections.append(f"{'+' if o.type == OverrideType.ADD else ''}{o.key_or_group}={_values(o)[0]}")
         try:
-            cfg = compose(config_name=command, overrides=selections)
+            cfg = compose(config_name=command, overrides=selections + extra)
         except Exception as e:  # e.g. a user's YAML that does not compose
             raise KdError(f"{name}: the config does not compose: {e}") from None
     for o in ours:
@@ -242,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             args = resumed_overrides(args)
         if command == "distill":  # teacher_train starts empty: its keys are added (++: also when resume= gave them)
             args = [f"++{a}" if a.startswith("teacher_train.") else a for a in args]
+            # experiment is in the defaults list (experiment=NAME); Hydra's docs write +experiment=NAME for it
+            args = [a[1:] if a.startswith("+experiment=") else a for a in args]
         smoke, cfg = _checked(command, args)
         if smoke:  # right after debug=smoke, among the other overrides (argparse wants them together)
             at = args.index("debug=smoke") + 1
