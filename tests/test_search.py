@@ -154,12 +154,14 @@ def test_an_optuna_search_of_T_finishes_and_prints_the_best_setting(kd):
 
 @pytest.mark.slow
 def test_a_failed_trial_is_a_failed_trial_and_the_search_goes_on(kd):
-    # All three values of a grid, one that fails its check: the others complete and one of them is the best
+    # Random draws from three values, one that fails its check: with this seed the trials are T=4, -1, 2
     r = kd(
         "distill",
         "-m",
         "hydra/sweeper=optuna",
-        "hydra/sweeper/sampler=grid",
+        "hydra/sweeper/sampler=random",
+        "hydra.sweeper.sampler.seed=2",
+        "hydra.sweeper.n_trials=3",
         "T=choice(-1,2,4)",
         "debug=smoke",
     )
@@ -179,3 +181,18 @@ def test_a_failed_trial_is_a_failed_trial_and_the_search_goes_on(kd):
     value, number, T = printed_best(out)
     assert completed[T] == results["best_value"] and value == round(100 * results["best_value"], 2)
     assert re.search(r"job \d+ failed: T must be > 0", out)
+
+
+@pytest.mark.slow
+def test_a_search_whose_every_trial_fails_ends_with_the_jobs_errors(kd):
+    r = kd("distill", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "T=interval(-2,-1)", "debug=smoke")
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    assert "No trials are completed yet" in out  # Optuna's own error, which Hydra prints with its traceback
+    assert len(re.findall(r"job \d failed: T must be > 0", out)) == 2
+    (sweep,) = (kd.dir / "runs" / "distill-multirun").iterdir()
+    assert r.stdout.splitlines()[-1] == (
+        f"error: the sweeper stopped the sweep with the error above, after 2 job(s), 0 completed. Each job's error "
+        f"is in the table: fix it and run the sweep again. Sweep directory: {sweep}"
+    )
+    assert (sweep / "summary.csv").is_file() and not (sweep / "optimization_results.yaml").exists()
