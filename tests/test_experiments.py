@@ -40,7 +40,7 @@ def user_dir(tmp_path):
     "name, expected",
     [
         ("quick", {"trainer.epochs": 5, "teacher_train.trainer.epochs": 10, "loss.name": "kd", "T": 4.0}),
-        ("dkd", {"loss.name": "dkd", "loss.nckd": 8.0, "schedule.warmup": 5, "trainer.epochs": 30}),
+        ("dkd", {"loss.name": "dkd", "loss.nckd": 8.0, "schedule.warmup": 5, "T": 4.0}),
         ("dist", {"loss.name": "dist", "T": 1.0, "alpha": 0.5}),
         ("ls", {"loss.name": "ls", "T": 2.0, "alpha": 0.1}),
         ("dml", {"method.name": "dml", "method.peers": 2, "T": 1.0, "alpha": 0.5}),
