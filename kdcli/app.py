@@ -27,7 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kdcli import distributed, interrupt, resume
+from kdcli import distributed, interrupt, resume, search
 from kdcli.config import resolve_device, validate
 from kdcli.errors import KdError
 from kdcli.files import check_makeable, write_json, write_text
@@ -232,6 +232,8 @@ def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: Dict
             write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             seed_everything(int(cfg.seed), bool(OmegaConf.select(cfg, "trainer.deterministic", default=False)))
             result = run(cfg, ctx)
+            if command in search.COMMANDS:
+                result["objective"] = _objective(str(cfg.objective), {**metrics, **result})
             finish("completed", **result)
             console.print(f"Run directory: {run_dir}")
             return metrics
@@ -259,6 +261,17 @@ def run_task(command: str, run: Callable[[DictConfig, Context], dict], cfg: Dict
                 log.exception("job failed")
                 return metrics
             raise
+
+
+def _objective(key: str, metrics: dict) -> dict:
+    """The objective's record in metrics.json (the sweep summary names the best job by it)."""
+    found = search.value(metrics, key)
+    if found is None:
+        log.warning(
+            f"warning  objective={key}: this run recorded no such figure, so a sweeper gets none (a failed trial). "
+            f"Figures it recorded: {', '.join(search.recorded(metrics)) or 'none'}."
+        )
+    return {"key": key, "value": found, "direction": search.direction(key)}
 
 
 # Hydra flags that print and exit: no run directory is made.
@@ -309,12 +322,13 @@ def _composed(command: str, args: list[str]) -> DictConfig | None:
     from hydra import compose, initialize_config_module
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from kdcli.cli import _overrides
+    from kdcli.cli import _overrides, search_path
 
     try:
         parsed = OverridesParser.create().parse_overrides(_overrides(args))
         with initialize_config_module(config_module="kdcli.configs", version_base="1.3", job_name=command):
             overrides = [o.input_line for o in parsed if not o.is_sweep_override()]
+            overrides = [o for o in overrides if not o.startswith("hydra.searchpath=")] + search_path(args, parsed)
             return compose(config_name=command, overrides=overrides, return_hydra_config=True)
     except Exception:
         return None
@@ -351,7 +365,9 @@ def hydra_app(command: str, run: Callable[[DictConfig, Context], dict]) -> Calla
     """The Hydra main function for `command`, whose primary config is configs/<command>.yaml."""
 
     @hydra.main(version_base="1.3", config_path="pkg://kdcli.configs", config_name=command)
-    def main(cfg: DictConfig) -> None:
-        run_task(command, run, cfg)
+    def main(cfg: DictConfig) -> float | search.NoValue | None:
+        metrics = run_task(command, run, cfg)
+        # What an optimising sweeper reads (Optuna: the trial's value)
+        return search.for_sweeper(metrics, str(cfg.objective)) if command in search.COMMANDS else None
 
     return main

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import TYPE_CHECKING
 
 from kdcli.errors import KdError
 from kdcli.report import error
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 COMMANDS = {
     "train-teacher": ("train_teacher", "train a teacher model on a dataset"),
@@ -64,6 +68,49 @@ def _overrides(args: list[str]) -> list[str]:
     return out
 
 
+def _config_dir(args: list[str]) -> str | None:
+    """The value of -cd/--config-dir DIR (or --config-dir=DIR); the last one counts, as in argparse."""
+    found, previous = None, ""
+    for a in args:
+        if previous in ("-cd", "--config-dir"):
+            found = a
+        elif a.startswith("--config-dir="):
+            found = a.split("=", 1)[1]
+        previous = a
+    return found
+
+
+def search_path(args: list[str], parsed: list) -> list[str]:
+    """The search path that Hydra adds to the packaged configs for this command line, as an
+    override for the compose API: -cd DIR first (Hydra puts it before the hydra.searchpath
+    entries), then hydra.searchpath=[...]. [] for none."""
+    import os
+
+    entries = []
+    folder = _config_dir(args)
+    if folder is not None:
+        if not os.path.isdir(folder):
+            raise KdError(
+                f"--config-dir {folder}: no such directory. It adds a folder of your configs to the packaged ones "
+                "(DIR/student/NAME.yaml is student=NAME, DIR/experiment/NAME.yaml is experiment=NAME)."
+            )
+        entries.append(f"file://{os.path.abspath(folder)}")
+    given = [o for o in parsed if o.key_or_group == "hydra.searchpath" and not o.is_sweep_override()]
+    if given:  # Hydra reads the first one
+        value = given[0].value()
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise KdError(
+                f"'{given[0].input_line}': hydra.searchpath takes a list of config folders, e.g. "
+                "hydra.searchpath=[file:///path/to/configs] (or -cd /path/to/configs)."
+            )
+        entries += value
+    if not entries:
+        return []
+    from kdcli.compose import fmt
+
+    return [f"hydra.searchpath={fmt(entries)}"]
+
+
 def _parse(overrides: list[str]):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
@@ -78,10 +125,16 @@ def _prepare(command: str, args: list[str]) -> list[str]:
     """Import user modules and register configs, then check every override against the
     composed config, so a typo is answered with the keys or options that exist. Returns the
     overrides that `debug=smoke` stands for (see SMOKE in kdcli/config.py)."""
+    return _checked(command, args)[0]
+
+
+def _checked(command: str, args: list[str]) -> tuple[list[str], DictConfig]:
+    """_prepare's work; also returns the config composed from the command line's group choices."""
     from kdcli.config import register_configs
     from kdcli.registry import import_user_modules, load_builtins, load_plugins
 
     parsed = _parse(_overrides(args))
+    extra = search_path(args, parsed)
     if command in ("train_teacher", "distill"):
         _check_resume(command, parsed)
     for o in parsed:
@@ -92,7 +145,7 @@ def _prepare(command: str, args: list[str]) -> list[str]:
     load_builtins()
     load_plugins()
     register_configs()
-    return _check_overrides(command, parsed)
+    return _check_overrides(command, parsed, extra)
 
 
 def resumed_overrides(args: list[str]) -> list[str]:
@@ -133,7 +186,9 @@ def _collapse_families(options: list[str]) -> list[str]:
     return kept + MODELS.family_entries(p for p in prefixes if any(o.startswith(p) for o in options))
 
 
-def _check_overrides(command: str, parsed: list) -> list[str]:
+def _check_overrides(command: str, parsed: list, extra: list[str] = ()) -> tuple[list[str], DictConfig]:
+    """extra: the search path override (search_path), so that the user's config folders are
+    composed with the packaged configs as Hydra composes them."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.types import OverrideType
@@ -144,23 +199,31 @@ def _check_overrides(command: str, parsed: list) -> list[str]:
 
     name = f"kd {command.replace('_', '-')}"
     ours = [o for o in parsed if not o.key_or_group.startswith("hydra")]
+    extra = list(extra)
     with initialize_config_module(config_module="kdcli.configs", version_base="1.3", job_name=command):
         loader = GlobalHydra.instance().config_loader()
-        cfg = compose(config_name=command, return_hydra_config=True)
+        try:
+            cfg = compose(config_name=command, overrides=extra, return_hydra_config=True)
+        except Exception as e:  # a user's config folder whose YAML does not compose
+            raise KdError(f"{name}: the config does not compose: {e}") from None
         groups = {g for g in cfg.hydra.runtime.choices if not g.startswith("hydra")}
         known = {k for k in cfg if k != "hydra"} | groups
         selections = []
         for o in ours:
             top = o.key_or_group.split(".")[0]
-            if top not in known:
+            # +group=option adds a group that the defaults do not list: one of the user's config folders
+            added = o.type == OverrideType.ADD and bool(
+                loader.get_group_options(o.key_or_group, config_name=command, overrides=extra)
+            )
+            if top not in known and not added:
                 raise KdError(
                     f"Unknown key '{top}' in '{o.input_line}'.{did_you_mean(top, known)} "
                     f"Keys of {name}: {', '.join(sorted(known))}."
                 )
             if o.type == OverrideType.DEL:
                 raise KdError(f"'{o.input_line}': {name} needs {o.key_or_group}; set another value instead.")
-            if o.key_or_group in groups:
-                options = loader.get_group_options(o.key_or_group)
+            if o.key_or_group in groups or added:
+                options = loader.get_group_options(o.key_or_group, config_name=command, overrides=extra)
                 for value in _values(o):
                     # A group may take several options at once: features=[at,rkd].
                     for v in value.strip("[]").split(",") if value.startswith("[") else [value]:
@@ -171,9 +234,9 @@ def _check_overrides(command: str, parsed: list) -> list[str]:
                                 f"Unknown {top} '{v}'.{did_you_mean(v, options)} "
                                 f"Options for {top}: {', '.join(_collapse_families(options))}."
                             )
-                selections.append(f"{o.key_or_group}={_values(o)[0]}")
+                selections.append(f"{'+' if o.type == OverrideType.ADD else ''}{o.key_or_group}={_values(o)[0]}")
         try:
-            cfg = compose(config_name=command, overrides=selections)
+            cfg = compose(config_name=command, overrides=selections + extra)
         except Exception as e:  # e.g. a user's YAML that does not compose
             raise KdError(f"{name}: the config does not compose: {e}") from None
     for o in ours:
@@ -192,11 +255,12 @@ def _check_overrides(command: str, parsed: list) -> list[str]:
         hint = did_you_mean(leaf, keys).replace("'", f"'{parent}.", 1)
         raise KdError(f"Unknown key '{o.key_or_group}'.{hint} Keys of {parent}: {', '.join(keys) or '(none)'}.")
     if not any(o.key_or_group == "debug" and _values(o) == ["smoke"] for o in ours):
-        return []
+        return [], cfg
     given = {o.key_or_group for o in ours}
-    return [
+    smoke = [
         f"{k}={v}" for k, v in SMOKE.items() if k not in given and OmegaConf.select(cfg, k, default="<no>") != "<no>"
     ]
+    return smoke, cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,10 +296,13 @@ def main(argv: list[str] | None = None) -> int:
             args = resumed_overrides(args)
         if command == "distill":  # teacher_train starts empty: its keys are added (++: also when resume= gave them)
             args = [f"++{a}" if a.startswith("teacher_train.") else a for a in args]
-        smoke = _prepare(command, args)
+            # experiment is in the defaults list (experiment=NAME); Hydra's docs write +experiment=NAME for it
+            args = [a[1:] if a.startswith("+experiment=") else a for a in args]
+        smoke, cfg = _checked(command, args)
         if smoke:  # right after debug=smoke, among the other overrides (argparse wants them together)
             at = args.index("debug=smoke") + 1
             args = args[:at] + smoke + args[at:]
+        args = _with_sweeper_overrides(command, args, cfg)
     except KdError as e:
         from kdcli.app import full_error
 
@@ -260,10 +327,27 @@ def main(argv: list[str] | None = None) -> int:
         check_before_start(command, args)
         hydra_app(command, module.run)()
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
+        code = e.code if isinstance(e.code, int) else 1
+        if code == 1:  # not a signal's exit (128 + n), which says how to go on by itself
+            SweepSummary.stopped()
+        return code
     finally:
         distributed.close()
     return 1 if (Outcome.failed or SweepSummary.failed) else 0
+
+
+def _with_sweeper_overrides(command: str, args: list[str], cfg: DictConfig) -> list[str]:
+    """args with what an optimising sweeper needs (kdcli/search.py), right after its hydra/sweeper= choice."""
+    from kdcli import search
+
+    overrides = _overrides(args)
+    given = search.override_value(overrides, "objective")
+    objective = given if given is not None and "," not in given else str(cfg.get("objective", ""))
+    added = search.sweeper_overrides(command, overrides, objective)
+    if not added:
+        return args
+    at = max(i for i, a in enumerate(args) if "hydra/sweeper=" in a) + 1
+    return args[:at] + added + args[at:]
 
 
 def _join_processes(name: str, command: str, args: list[str]) -> list[str]:

@@ -58,6 +58,7 @@ class TrainTeacherConfig(CommonConfig):
     mix: str = "none"  # none, mixup or cutmix of each training batch with itself shuffled (kdcli/data/mix.py)
     mix_alpha: float = 1.0  # lam ~ Beta(mix_alpha, mix_alpha)
     resume: Optional[str] = None  # auto (the latest unfinished run of this config) or a run directory
+    objective: str = "teacher.val_acc"  # what a job returns to an optimising sweeper (kdcli/search.py)
 
 
 @dataclass
@@ -108,6 +109,7 @@ class DistillConfig(TrainTeacherConfig):
     transfer: TransferConfig = field(default_factory=TransferConfig)
     teacher_cache: str = "auto"  # auto: teacher outputs computed once when inputs are not augmented; off
     prune: PruneConfig = field(default_factory=PruneConfig)  # magnitude pruning of the student (kdcli/prune.py)
+    objective: str = "student.val_acc"
 
 
 @dataclass
@@ -373,6 +375,8 @@ def validate(cfg: DictConfig, command: str) -> None:
         _check(cfg.dataset.name in DATASETS, f"dataset.name={cfg.dataset.name}: {_names(DATASETS)}")
         for role in ["teacher", "student"] if command == "distill" else ["teacher"]:
             _check(cfg[role].name in MODELS, f"{role}.name={cfg[role].name}: {_names(MODELS)}")
+    if command in ("train_teacher", "distill"):
+        _validate_objective(cfg, command)
     if command == "train_teacher":
         _check(
             cfg.teacher.ckpt is None,
@@ -433,6 +437,31 @@ def _within(cfg, key: str, low: float, high: float, nullable: bool = False) -> N
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
     null = " or null" if nullable else ""
     _check(ok, f"{key} must be a number in [{low:g}, {high:g}]{null} (got {value!r}).")
+
+
+def _validate_objective(cfg, command: str) -> None:
+    from kdcli import search
+
+    objective = str(cfg.objective)
+    search.check(objective)
+    role = objective.split(".")[0]
+    if command == "train_teacher":
+        _check(
+            role == "teacher",
+            f"objective={objective}: kd train-teacher trains one model, the teacher: objective=teacher.val_acc.",
+        )
+        return
+    _check(
+        role != "teacher" or cfg.method.name == "joint",
+        f"objective={objective}: kd distill does not train its teacher (but with method=joint), so the teacher "
+        "has no validation accuracy here. Use objective=student.val_acc, or search the teacher's recipe with "
+        "kd train-teacher.",
+    )
+    _check(
+        role != "scratch" or cfg.baseline or cfg.method.name == "born_again",
+        f"objective={objective}: baseline=false trains no scratch student. Use objective=student.val_acc, or "
+        "baseline=true.",
+    )
 
 
 def _validate_optimizer(cfg) -> None:

@@ -658,7 +658,9 @@ def _end_epoch(keep: str, t: Trainee, loop: "_Loop", epoch: int, sched: dict, ru
     checkpoint.save(last_path, t.model, role=role, epoch=epoch, metrics=row, **t.ckpt_meta)
     append_jsonl(Path(run_dir) / "metrics.jsonl", row)
     if epoch == min(2, epochs) and val["acc"] <= 1.5 / data.info.num_classes:
-        why = "; the KD term's gradients grow with T" if t.objective.needs_teacher or t.sources else ""
+        # The hint is for a model that learns from softened logits (a teacher trained on labels has no such term)
+        distills = t.objective.term is not None and t.objective.alpha < 1
+        why = "; the KD term's gradients grow with T" if distills else ""
         log.warning(
             f"warning  {role}: validation accuracy {val['acc']:.1%} is at chance after {epoch} epoch(s); the "
             f"model may have collapsed. Try a lower optimizer.lr (now {cfg.optimizer.lr}{why}) or optimizer=adam."

@@ -142,13 +142,15 @@ def atomic_write(path: Path, write) -> None:
         # The writer's pid in the name: a later write removes only the leftovers of dead writers
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
         os.close(fd)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the file gets the usual permissions
     except OSError as e:
         if space_error(e):
             raise no_space(path) from None
         raise
     try:
         write(tmp)
+        # mkstemp makes it private; the file gets the usual permissions. After the write: a writer
+        # may replace the file with its own (safetensors' save_file does), which is private too.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

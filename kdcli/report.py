@@ -117,10 +117,15 @@ def summarise_sweep(sweep_dir: Path) -> list[dict]:
     overrides = [dict(o.split("=", 1) for o in _job_overrides(job) if "=" in o) for job in jobs]
     swept = [k for k in dict.fromkeys(k for o in overrides for k in o) if len({o.get(k) for o in overrides}) > 1]
     fixed = {k: v for k, v in (overrides[0] if overrides else {}).items() if k not in swept}
-    rows = []
+    rows, objective = [], None
     for job, over in zip(jobs, overrides):
         metrics = _job_metrics(job)
         row = {"job": int(job.name), **{k: over.get(k) for k in swept}, "status": metrics.get("status")}
+        record = metrics.get("objective")
+        if isinstance(record, dict) and isinstance(record.get("key"), str):
+            objective = objective or record
+            if isinstance(record.get("value"), (int, float)) and record["key"] == objective["key"]:
+                row[objective["key"]] = record["value"]
         for field in SUMMARY_FIELDS:
             value = _get(metrics, field)
             if value is not None:
@@ -136,15 +141,19 @@ def summarise_sweep(sweep_dir: Path) -> list[dict]:
         return rows
     figures = [f for f in SUMMARY_FIELDS if any(f in r for r in rows)]
     plain = [f for f in PLAIN_FIELDS.values() if any(f in r for r in rows)]
-    fields = ["job", *swept, "status", *figures, *plain] + (["error"] if any("error" in r for r in rows) else [])
+    searched = [objective["key"]] if objective else []  # validation accuracy, the figure a search optimises
+    fields = ["job", *swept, "status", *searched, *figures, *plain]
+    fields += ["error"] if any("error" in r for r in rows) else []
     write_csv(sweep_dir / "summary.csv", fields, rows)
-    shown = ["job", *swept, "status", *figures, *plain]
-    title = f"Sweep summary (test accuracy %): {sweep_dir}"
+    shown = ["job", *swept, "status", *searched, *figures, *plain]
+    split = f"; {searched[0]} on the validation split, the others on test" if searched else ""
+    title = f"Sweep summary ({'accuracy %' + split if split else 'test accuracy %'}): {sweep_dir}"
     if fixed:
         title += "\nfixed: " + " ".join(f"{k}={v}" for k, v in fixed.items())
-    console.print(
-        table(title, shown, ([pct(r.get(f)) if f in SUMMARY_FIELDS else r.get(f) for f in shown] for r in rows))
-    )
+    percent = {*SUMMARY_FIELDS, *searched}
+    console.print(table(title, shown, ([pct(r.get(f)) if f in percent else r.get(f) for f in shown] for r in rows)))
+    if objective and "seed" not in swept:  # the best of seeds is noise, not a setting: summary_seeds.csv
+        _print_best(rows, objective, swept)
     unfinished = [r for r in rows if r["status"] != "completed"]
     for r in unfinished:
         console.print(f"[red]job {r['job']} {r['status']}[/red]: {escape(r.get('error', ''))}", highlight=False)
@@ -161,6 +170,29 @@ def summarise_sweep(sweep_dir: Path) -> list[dict]:
     if "seed" in swept:
         _over_seeds(rows, [k for k in swept if k != "seed"], figures, sweep_dir / "summary_seeds.csv")
     return rows
+
+
+def best_job(rows: list[dict], objective: dict) -> dict | None:
+    """The completed job with the best objective (the first of equals, as Optuna's best trial)."""
+    key, sign = objective["key"], -1 if objective.get("direction") == "minimize" else 1
+    scored = [r for r in rows if r["status"] == "completed" and isinstance(r.get(key), (int, float))]
+    return max(scored, key=lambda r: sign * r[key]) if scored else None  # max keeps the first of equals
+
+
+def _print_best(rows: list[dict], objective: dict, swept: list[str]) -> None:
+    best = best_job(rows, objective)
+    if best is None:
+        console.print(f"No completed job recorded its objective {objective['key']}.", highlight=False, markup=False)
+        return
+    setting = " ".join(f"{k}={best[k]}" for k in swept) or "(nothing swept)"
+    test = [f"{f} {pct(best[f])} %" for f in ("student.test_acc", "teacher.test_acc") if f in best][:1]
+    console.print(
+        f"Best {objective['key']} ({objective.get('direction', 'maximize')}d on the validation split): "
+        f"{pct(best[objective['key']])} % in job {best['job']}: {setting}" + (f" (test: {test[0]})" if test else ""),
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 def _over_seeds(rows: list[dict], keys: list[str], figures: list[str], path: Path) -> None:
@@ -210,18 +242,40 @@ def _plot_sweep(rows: list[dict], key: str, figures: list[str], path: Path) -> N
         pts = sorted((x, 100 * r[field]) for x, r in zip(xs, rows) if isinstance(r.get(field), (int, float)))
         if pts:
             series[field] = pts
-    lines(path, key, "test accuracy (%)", series)
+    if series:  # none when no job completed
+        lines(path, key, "test accuracy (%)", series)
 
 
 class SweepSummary(Callback):
     """Hydra callback: after a multirun, summarise every job of the sweep directory."""
 
     failed = False  # read by the command line to choose the exit code
+    started: Path | None = None  # the sweep directory of the multirun that started
+    ended = False  # whether it reached its end (a sweeper may stop it with an error)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepSummary.started = Path(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepSummary.ended = True
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
         rows = summarise_sweep(sweep_dir)
         SweepSummary.failed = any(r["status"] != "completed" for r in rows)
         console.print(f"Sweep directory: {sweep_dir}")
+
+    @staticmethod
+    def stopped() -> None:
+        """After a sweep that its sweeper ended with an error (Optuna: "No trials are completed yet"
+        when every job failed): the jobs it ran, and what that error means."""
+        sweep_dir = SweepSummary.started
+        if sweep_dir is None or SweepSummary.ended or not sweep_dir.is_dir():
+            return
+        rows = summarise_sweep(sweep_dir)
+        done = sum(r["status"] == "completed" for r in rows)
+        error(
+            f"the sweeper stopped the sweep with the error above, after {len(rows)} job(s), {done} completed. "
+            + ("Each job's error is in the table: fix it and run the sweep again. " if done < len(rows) else "")
+            + f"Sweep directory: {sweep_dir}"
+        )

@@ -95,6 +95,7 @@ MAY_DIFFER = (
     "device",
     "data_root",
     "runs_dir",
+    "objective",  # what a job returns to a sweeper, not how it trains
 )
 UNFINISHED = ("running", "interrupted", "failed")
 

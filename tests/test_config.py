@@ -49,6 +49,10 @@ def test_defaults_compose_and_validate(hydra_cfg):
         ("augment=rotate", r"augment=rotate: choose standard .*, affine .* or none"),
         ("teacher.ckpt=x.pt", None),
         ("student.name=resnet9000", r"student.name=resnet9000: unknown model. Available: convnet, lenet5, mlp"),
+        ("objective=scratch.val_acc", None),
+        ("objective=student.test_acc", r"objective=student.test_acc: the test split is never searched on"),
+        ("objective=kd_gain", r"objective=kd_gain: Give a model's validation accuracy"),
+        ("objective=teacher.val_acc", r"objective=teacher.val_acc: kd distill does not train its teacher"),
     ],
 )
 def test_out_of_range_values_name_the_key_and_the_allowed_values(hydra_cfg, override, message):
@@ -63,6 +67,7 @@ def test_out_of_range_values_name_the_key_and_the_allowed_values(hydra_cfg, over
     "command,override,message",
     [
         ("train_teacher", "teacher.ckpt=x.pt", "teacher.ckpt is for kd distill"),
+        ("train_teacher", "objective=student.val_acc", "kd train-teacher trains one model, the teacher"),
         ("evaluate", "eval_batch_size=0", r"eval_batch_size must be a number >= 1 \(got 0\)"),
         ("evaluate", "limit=0", r"limit must be a number >= 1 or null"),
         ("export", "batch_size=0", r"batch_size must be a number >= 1"),

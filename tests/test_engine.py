@@ -64,6 +64,27 @@ def test_a_collapsed_model_is_reported(tmp_path, caplog):
     assert "validation accuracy" in caplog.text and "is at chance after 2 epoch(s)" in caplog.text
 
 
+@pytest.mark.parametrize(
+    "role, alpha, hint",
+    [("teacher", None, False), ("scratch", None, False), ("student", 0.1, True), ("student", 1.0, False)],
+)
+def test_the_kd_hint_of_a_collapse_is_only_for_a_model_with_a_kd_term(tmp_path, caplog, role, alpha, hint):
+    from kdcli.engine import Teacher
+    from kdcli.registry import LOSSES
+
+    data = DeviceData(load_splits(DATA, "unused"), torch.device("cpu"))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10))
+    nn.init.constant_(model[1].bias, -1e3)  # collapsed: at chance whatever it learns
+    # Labels only (a teacher, a scratch student), or a KD term of weight 1 - alpha against a teacher
+    objective = Objective() if alpha is None else Objective(LOSSES.build("kd"), T=4.0, alpha=alpha)
+    teachers = [] if alpha is None else [Teacher(linear().eval(), torch.arange(10))]
+    meta = {"arch": {"name": "mlp", "kwargs": {"hidden": []}}, "data": {**data.info.to_dict(), "dataset": DATA}}
+    with caplog.at_level(logging.WARNING, logger="kdcli"):
+        fit(Trainee(role, model, objective, meta), data, recipe(epochs=2), run_dir=tmp_path, teachers=teachers)
+    assert f"warning  {role}: validation accuracy" in caplog.text and "is at chance" in caplog.text
+    assert ("the KD term's gradients grow with T" in caplog.text) == hint
+
+
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
 def test_optimizers_take_the_fused_update_unless_told_otherwise(name):
 

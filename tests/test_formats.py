@@ -2,6 +2,7 @@
 size, the model card inside the file, and clear errors for files kdcli cannot use."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -9,6 +10,9 @@ import torch
 from kdcli import formats
 from kdcli.errors import KdError
 from kdcli.models import build_model
+
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 
 DATA = {
     "name": "mnist5k",
@@ -36,6 +40,7 @@ def test_export_reads_back_with_the_same_logits_and_card(tmp_path, fmt, arch):
     path = tmp_path / f"m{formats.SUFFIXES[fmt]}"
     x = torch.randn(7, 1, 28, 28)
     formats.EXPORTERS[fmt](model, x[:2], path, card, 18)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~UMASK  # as any other output (safetensors replaces its file)
     opened = formats.open_model(path, trust_programs=True)  # written just above: its own program
     assert opened.fmt == fmt and formats.detect(path) == fmt
     assert opened.card == json.loads(json.dumps(card))  # the card travels inside the file

@@ -1,4 +1,4 @@
-"""kd list [models|losses|features|methods|datasets] ['PATTERN'] [dataset=NAME | input=C,H,W classes=N]
+"""kd list [models|losses|features|methods|datasets|experiments] ['PATTERN'] [dataset=NAME | input=C,H,W classes=N]
 [imports=...]: what the registries hold; models with their weights and forward FLOPs for one input."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import inspect
+import re
 
 import torch.nn as nn
 
@@ -23,9 +24,16 @@ from kdcli.registry import (
 )
 from kdcli.report import console, table
 
-KINDS = {"models": MODELS, "losses": LOSSES, "features": FEATURE_LOSSES, "methods": None, "datasets": DATASETS}
+KINDS = {
+    "models": MODELS,
+    "losses": LOSSES,
+    "features": FEATURE_LOSSES,
+    "methods": None,
+    "datasets": DATASETS,
+    "experiments": None,
+}
 USAGE = (
-    "usage: kd list [models|losses|features|methods|datasets] ['PATTERN' ...] [dataset=NAME] "
+    "usage: kd list [models|losses|features|methods|datasets|experiments] ['PATTERN' ...] [dataset=NAME] "
     "[input=C,H,W classes=N] [imports=[module_or_file.py,...]]\n"
     "  PATTERN  a glob on the names, quoted: kd list models 'tv_res*'\n"
     "  dataset  the input for which models are counted (weights, forward FLOPs); default mnist5k\n"
@@ -37,6 +45,7 @@ CHOOSE = {
     "features": "features=[NAME,...], each with student_layer, teacher_layer (default penultimate)",
     "methods": "method=NAME",
     "datasets": "dataset=NAME",
+    "experiments": "kd distill experiment=NAME: presets in configs/experiment/, overrides on top",
 }
 METHOD_TEXT = {
     "standard": "the frozen teacher(s) teach the student (teachers=[...]: ensemble or class subsets merged)",
@@ -45,6 +54,35 @@ METHOD_TEXT = {
     "dml": "deep mutual learning: peers trained together, each from the others (Zhang et al. 2018)",
     "joint": "teacher and student trained together from scratch, the student following the teacher",
 }
+
+
+def _flat(node: dict, prefix: str = "") -> list[str]:
+    """A preset's values as the overrides they stand for (schedule.warmup=5)."""
+    out = []
+    for k, v in node.items():
+        out += _flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}={v}"]
+    return out
+
+
+def experiments() -> dict[str, tuple[str, str]]:
+    """The packaged experiment presets: name -> (what it sets, as overrides; its description, the
+    first sentence of its comment)."""
+    from importlib.resources import files
+
+    import yaml
+
+    found = {}
+    for f in sorted(files("kdcli.configs").joinpath("experiment").iterdir(), key=lambda f: f.name):
+        if not f.name.endswith(".yaml"):
+            continue
+        text = f.read_text()
+        node = yaml.safe_load(text) or {}
+        choices = [d for d in node.pop("defaults", []) if isinstance(d, dict)]  # {"override /loss": "dkd"}
+        sets = [f"{k.split('/')[-1]}={v}" for d in choices for k, v in d.items()]
+        comment = " ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
+        comment = comment.replace("@package _global_", "").strip()
+        found[f.name[: -len(".yaml")]] = (" ".join(sets + _flat(node)), re.split(r"(?<=\.)\s", comment)[0])
+    return found
 
 
 def _format(params: dict) -> str:
@@ -180,7 +218,8 @@ def main(args: list[str]) -> int:
     from kdcli.config import METHODS
 
     # A word is a glob pattern, or one name; anything else is a typo (of a kind, most likely).
-    names = [n for r in KINDS.values() if r is not None for n in r.names()] + list(METHODS) if words else []
+    presets = experiments()
+    names = [n for r in KINDS.values() if r is not None for n in r.names()] + [*METHODS, *presets] if words else []
     for w in words:
         if not any(c in w for c in "*?[") and w not in names:
             raise KdError(f"kd list: unknown argument '{w}'.{did_you_mean(w, list(KINDS) + names)}\n{USAGE}")
@@ -189,7 +228,11 @@ def main(args: list[str]) -> int:
     shown = 0
     for kind in kinds or list(KINDS):
         registry = KINDS[kind]
-        if registry is None:
+        if kind == "experiments":
+            names = _matching(presets, patterns) if patterns else list(presets)
+            rows = [[n, *presets[n]] for n in names]
+            columns, title = ["name", "sets", "description"], f"{kind} ({CHOOSE[kind]})"
+        elif registry is None:
             names = _matching(METHODS, patterns) if patterns else list(METHODS)
             rows = [[n, _format(METHODS[n]), METHOD_TEXT[n]] for n in names]
             columns, title = ["name", "parameters", "description"], f"{kind} ({CHOOSE[kind]})"

@@ -48,6 +48,7 @@ def recipe(cfg: DictConfig) -> DictConfig:
 
     smoke = HydraConfig.initialized() and "debug=smoke" in HydraConfig.get().overrides.task
     given = [f"imports=[{','.join(repr(str(i)) for i in cfg.imports)}]"] if cfg.imports else []
+    given += _user_config_dirs()
     asked = OmegaConf.to_container(cfg.get("teacher_train") or OmegaConf.create({}), resolve=True)
     for key in asked:
         if key in ("teacher", "dataset", "device", "runs_dir", "data_root", "imports", "resume"):
@@ -68,6 +69,23 @@ def recipe(cfg: DictConfig) -> DictConfig:
         for key in ("device", "runs_dir", "data_root"):
             tcfg[key] = cfg[key]
     return tcfg
+
+
+def _user_config_dirs() -> list[str]:
+    """The running app's config folders beyond the packaged ones (-cd DIR, hydra.searchpath), as the
+    override that composes the teacher's recipe with them too (teacher_train.optimizer=mine)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from kdcli.compose import fmt
+
+    if not HydraConfig.initialized():
+        return []
+    theirs = [
+        f"{s.schema}://{s.path}"
+        for s in HydraConfig.get().runtime.config_sources
+        if s.provider == "command-line" or s.provider.startswith("hydra.searchpath")
+    ]
+    return [f"hydra.searchpath={fmt(theirs)}"] if theirs else []
 
 
 def results(cfg, teacher: dict) -> dict:
