@@ -45,6 +45,7 @@ def user_dir(tmp_path):
         ("ls", {"loss.name": "ls", "T": 2.0, "alpha": 0.1}),
         ("dml", {"method.name": "dml", "method.peers": 2, "T": 1.0, "alpha": 0.5}),
         ("patient", {"trainer.epochs": 120, "loss.name": "kd", "T": 4.0, "alpha": 0.1}),
+        ("funmatch", {"mix": "mixup", "alpha": 0.0, "T": 1.0, "trainer.epochs": 120}),
     ],
 )
 def test_each_preset_sets_its_recipe(kd, name, expected):
@@ -69,7 +70,7 @@ def test_overrides_apply_on_top_of_a_preset(kd):
 
 def test_a_preset_typo_is_one_error(kd):
     line = one_error(kd("distill", "experiment=dkk"))
-    assert "Unknown experiment 'dkk'. Did you mean 'dkd'? Options for experiment: dist, dkd, dml, ls, patient" in line
+    assert "Unknown experiment 'dkk'. Did you mean 'dkd'? Options for experiment: dist, dkd, dml, funmatch, ls, patient" in line
     line = one_error(kd("distill", "+experiment=dkk"))
     assert "Unknown experiment 'dkk'" in line
 
