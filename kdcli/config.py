@@ -299,6 +299,7 @@ def validate(cfg: DictConfig, command: str) -> None:
     for key in ("runs_dir", "data_root"):  # empty, a path names the file system's root or the current directory
         _check(str(cfg[key]).strip() != "", f"{key} is empty: give {key}=PATH, or leave it out for the default.")
     _within(cfg, "seed", 0, 2**32 - 1)  # what NumPy's seed takes
+    _check_paths(cfg, command)
     if command in ("train_teacher", "distill"):
         _at_least(cfg, "trainer.epochs", 1)
         _at_least(cfg, "trainer.batch_size", 1)
@@ -414,6 +415,27 @@ def validate(cfg: DictConfig, command: str) -> None:
         _at_least(cfg, "check_batches", 1)
         _at_least(cfg, "batch_size", 1)
         _at_least(cfg, "atol", 0)
+
+
+# The keys that name files or folders to read, per command (checked by files.check_path).
+PATH_KEYS = {
+    "train_teacher": ["data_root", "imports", "dataset.root", "resume"],
+    "distill": ["data_root", "imports", "dataset.root", "resume", "teacher.ckpt", "teachers"],
+    "evaluate": ["data_root", "imports", "checkpoints", "run", "reference"],
+    "export": ["data_root", "imports", "checkpoint", "run", "out_dir"],
+    "quantize": ["data_root", "imports", "checkpoint", "run", "out_dir"],
+}
+
+
+def _check_paths(cfg, command: str) -> None:
+    from kdcli.files import check_path
+
+    for key in PATH_KEYS.get(command, []):
+        value = OmegaConf.select(cfg, key)
+        values = list(enumerate(value)) if OmegaConf.is_list(value) else [(None, value)]
+        for i, v in values:
+            if isinstance(v, str) and v and not (key == "resume" and v == "auto"):
+                check_path(key if i is None else f"{key}[{i}]", v)
 
 
 def _within(cfg, key: str, low: float, high: float, nullable: bool = False) -> None:

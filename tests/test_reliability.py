@@ -411,3 +411,58 @@ def test_two_distills_started_at_once_without_a_teacher_do_not_corrupt_each_othe
     for out in outs:  # each says where its teacher came from
         said = flat(out)
         assert "(trained now)" in said or "(latest train-teacher run of this recipe)" in said, out
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths in the config that the system will not look up, and folders it may not read
+
+
+@pytest.fixture
+def symlink_loop(tmp_path) -> Path:
+    os.symlink(tmp_path / "loop_b", tmp_path / "loop_a")
+    os.symlink(tmp_path / "loop_a", tmp_path / "loop_b")
+    return tmp_path / "loop_a"
+
+
+@pytest.mark.parametrize(
+    "command, key, value, message",
+    [
+        ("distill", "teacher.ckpt", "x" * 5000, "teacher.ckpt=xxxx"),
+        ("distill", "teachers", "[{}]", "teachers[0]="),
+        ("evaluate", "checkpoints", "[{}]", "checkpoints[0]="),
+        ("evaluate", "reference", "{}/x.pt", "reference="),
+        ("export", "checkpoint", "{}", "checkpoint="),
+        ("export", "out_dir", "y" * 300, "out_dir=yyyy"),
+        ("quantize", "run", "{}", "run="),
+    ],
+)
+def test_a_path_the_system_will_not_look_up_is_refused_by_key(hydra_cfg, symlink_loop, command, key, value, message):
+    cfg = hydra_cfg(command, [f"{key}={value.format(symlink_loop)}"])
+    with pytest.raises(KdError) as e:
+        validate(cfg, command)
+    text = str(e.value)
+    assert text.startswith(message) and ("Too many levels of symbolic links" in text or "File name too long" in text)
+    assert len(text) < 200, text  # a 5000-character value is cut in the message
+
+
+def test_a_folder_that_cannot_be_read_is_an_imagefolder_error(tmp_path, monkeypatch):
+    from kdcli.data import folder
+
+    (tmp_path / "cat").mkdir()
+
+    def scandir(path):  # what /proc/1 gives: its cwd link may not be followed
+        raise PermissionError(13, "Permission denied", str(tmp_path / "cwd"))
+
+    monkeypatch.setattr(folder.os, "scandir", scandir)
+    with pytest.raises(KdError, match=r"imagefolder: cannot read .*cwd: Permission denied. Fix: dataset.root=PATH"):
+        folder._scan(tmp_path)
+
+
+@pytest.mark.slow
+def test_the_hostile_paths_of_the_issue_are_one_error_each(kd, symlink_loop):
+    assert_one_error(kd("evaluate", f"checkpoints=[{symlink_loop}]"), "Too many levels of symbolic links")
+    r = kd("distill", f"teacher.ckpt={'x' * 5000}", *SMOKE)
+    assert_one_error(r, "teacher.ckpt=", "File name too long", "(5000 characters)")
+    assert not (kd.dir / "runs" / "train_teacher").exists()  # refused before a teacher was trained
+    r = kd("distill", "dataset=imagefolder", "dataset.root=/proc/1", *SMOKE)
+    assert_one_error(r, "imagefolder", "/proc/1")
