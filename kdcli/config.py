@@ -322,6 +322,12 @@ def validate(cfg: DictConfig, command: str) -> None:
             f"dataset.val_size must be a count >= 1 or a fraction in (0, 1) (got {val_size!r}).",
         )
         _within(cfg, "dataset.split_seed", 0, 2**32 - 1)  # what NumPy's seed takes
+        classes = cfg.dataset.get("classes")
+        _check(
+            classes is None
+            or (OmegaConf.is_list(classes) and all(isinstance(c, (int, str)) and c is not True for c in classes)),
+            f"dataset.classes takes a list of class names or indices, e.g. dataset.classes=[0,1,2] (got {classes}).",
+        )
         _within(cfg, "trainer.epochs", 1, 1e6)
         _within(cfg, "trainer.batch_size", 1, 1e7)
         storage = cfg.dataset.get("storage", "auto")
@@ -452,6 +458,7 @@ def _validate_optimizer(cfg) -> None:
     """The ranges of the optimizer and scheduler keys that torch accepts but that mean nothing
     (a momentum of 2 diverges, and the NaN it leads to would be blamed on lr or T)."""
     given = {f"{group}.{k}" for group in ("optimizer", "scheduler") for k in cfg[group].keys()}
+    _check_optimizer_types(cfg.optimizer)
     for key, low, high in (
         ("optimizer.momentum", 0, 1),
         ("optimizer.dampening", 0, 1),
@@ -464,6 +471,32 @@ def _validate_optimizer(cfg) -> None:
     ):
         if key in given:
             _within(cfg, key, low, high)
+
+
+def _check_optimizer_types(opt: DictConfig) -> None:
+    """Each keyword of the torch optimizer of the type its default has: torch's fused kernels
+    fail with a traceback on optimizer.nesterov=sometimes."""
+    import inspect
+
+    from kdcli.optim import OPTIMIZER_CLASSES
+
+    params = inspect.signature(OPTIMIZER_CLASSES[opt.name]).parameters
+    for key in opt.keys():
+        if key == "name" or key not in params:  # an unknown keyword is refused when the optimizer is built
+            continue
+        default, value = params[key].default, opt[key]
+        if isinstance(default, bool) or key in ("foreach", "fused"):
+            ok, want = isinstance(value, bool) or (value is None and default is None), "true or false"
+        elif isinstance(default, (int, float)):
+            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif isinstance(default, tuple):
+            ok = OmegaConf.is_list(value) and len(value) == len(default)
+            ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            want = f"a list of {len(default)} numbers, e.g. {list(default)}"
+        else:
+            continue
+        shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        _check(ok, f"optimizer.{key} must be {want} (got {shown!r}).")
 
 
 def _validate_distill(cfg: DictConfig) -> None:
