@@ -60,11 +60,12 @@ def test_smoke_preset_shows_what_it_sets(kd):
     assert "device: cpu" in r.stdout
 
 
-def test_wrong_type_is_a_short_hydra_error(kd):
+def test_wrong_type_is_one_error_naming_the_key(kd):
     r = kd("distill", "T=abc")
-    assert r.returncode == 1
-    assert "Value 'abc' of type 'str' could not be converted to Float" in r.stderr
-    assert "Traceback" not in r.stderr
+    out = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode == 1 and "Traceback" not in out and out.count("error:") == 1, out
+    assert "error: T=abc: Value 'abc' of type 'str' could not be converted to Float" in out
+    assert "HYDRA_FULL_ERROR" not in out
 
 
 def test_full_traceback_on_request(kd):

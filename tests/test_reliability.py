@@ -466,3 +466,79 @@ def test_the_hostile_paths_of_the_issue_are_one_error_each(kd, symlink_loop):
     assert not (kd.dir / "runs" / "train_teacher").exists()  # refused before a teacher was trained
     r = kd("distill", "dataset=imagefolder", "dataset.root=/proc/1", *SMOKE)
     assert_one_error(r, "imagefolder", "/proc/1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command lines that Hydra or OmegaConf would answer with a traceback, with its message and no
+# `error:`, or by silently taking another value: refused by the front before anything is written
+
+
+@pytest.fixture
+def front(tmp_path, monkeypatch, capsys):
+    """kd's front in this process: (exit code, output on one line). Refusals end before Hydra runs."""
+    from kdcli.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+    def call(*args: str) -> tuple[int, str]:
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, flat(out.out + out.err)
+
+    return call
+
+
+@pytest.mark.parametrize(
+    "args, phrase",
+    [
+        (["distill", "-m", "T=interval(0,1)"], "'T=interval(0,1)': Hydra's basic sweeper runs listed values"),
+        (["distill", "-m", "T=1,2", "hydra.sweeper.max_batch_size=0"], "hydra.sweeper.max_batch_size=0: give the"),
+        (["distill", "-m", "T=1", "hydra.sweeper.max_batch_size=abc"], "hydra.sweeper.max_batch_size=abc: Value"),
+        (["distill", "T=1,2"], "'T=1,2' is a sweep: add -m to run one job per value"),
+        (["distill", "T=abc"], "T=abc: Value 'abc' of type 'str' could not be converted to Float"),
+        (["distill", "-m", "T=1,abc"], "T=abc: Value 'abc' of type 'str' could not be converted to Float"),
+        (["distill", "trainer.epochs=1.5"], "trainer.epochs=1.5: Value '1.5' of type 'float' could not be"),
+        (["distill", "--cfg", "job", "seed=[1]"], "seed=[1]: Value '[1]' of type 'list' could not be converted"),
+        (["export", "formats.sub=x"], "Unknown key 'formats.sub': formats is a list (4 entries), not a group"),
+        (["export", "formats.7=onnx"], "Unknown key 'formats.7': formats is a list"),
+        (["distill", "T.x=1"], "Unknown key 'T.x': T is a value, not a group of keys"),
+        (["distill", "features.at.weight=1"], "features has no key 'at' (keys: (none)). Choose the option first"),
+        (["distill", "baseline=2"], "baseline=2: baseline takes true or false"),
+        (["distill", "baseline=yes"], "baseline=yes: baseline takes true or false"),
+        (["distill", "-m", "baseline=true,2"], "baseline=2: baseline takes true or false"),
+        (["evaluate", "figures=0"], "figures=0: figures takes true or false"),
+        (["distill", "optimizer.nesterov=sometimes"], "optimizer.nesterov=sometimes: optimizer.nesterov takes true"),
+        (
+            ["distill", "teachers=[a.pt,b.pt]", "teacher=resnet8"],
+            "'teacher=resnet8' and teachers=[...] both given: with teachers=[...] each teacher's architecture",
+        ),
+        (["distill", "teacher.hidden=[5]", "teachers=[a.pt]"], "Drop 'teacher.hidden=[5]', or give one teacher as"),
+        (["distill", "-m", "T=1,2", "--cfg", "job"], "--cfg and -m do not go together: give one of -m, --cfg"),
+    ],
+)
+def test_a_command_line_hydra_would_crash_on_is_one_error(front, tmp_path, args, phrase):
+    code, out = front(*args, "debug=smoke")
+    assert code == 1 and "Traceback" not in out and "HYDRA_FULL_ERROR" not in out, out
+    assert out.count("error:") == 1 and phrase in out, out
+    assert not (tmp_path / "runs").exists()  # refused before Hydra made a run directory
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["distill", "baseline=false", "trainer.deterministic=True"],
+        ["distill", "-m", "baseline=true,false"],
+        ["distill", "teachers=[]", "teacher=mlp"],  # no teachers: the teacher group is the one used
+        ["export", "formats.0=onnx"],  # an index of the list
+        ["distill", "features=at", "features.at.weight=2"],
+    ],
+)
+def test_what_those_checks_let_through(args):
+    from kdcli.app import _check_start
+    from kdcli.cli import COMMANDS, _prepare
+
+    command = COMMANDS[args[0]][0]
+    _prepare(command, args[1:])
+    _check_start(command, args[1:], print_only=True)  # composes each job's config, runs nothing
