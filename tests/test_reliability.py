@@ -542,3 +542,43 @@ def test_what_those_checks_let_through(args):
     command = COMMANDS[args[0]][0]
     _prepare(command, args[1:])
     _check_start(command, args[1:], print_only=True)  # composes each job's config, runs nothing
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints that are not what kdcli wrote, given to each command that reads one
+
+
+ODD_CHECKPOINTS = {
+    "a dict without kdcli's fields": ({"weights": [1, 2]}, "not a kdcli checkpoint"),
+    "a list": ([1, 2], "not a kdcli checkpoint"),
+    "a tensor": (torch.zeros(3), "not a kdcli checkpoint"),
+    "None": (None, "not a kdcli checkpoint"),
+    "kdcli's header, arch a string": ({"format": checkpoint.FORMAT, "arch": "mlp"}, "no arch {name, kwargs}"),
+}
+GIVEN_AS = {
+    "distill": "teacher.ckpt={}",
+    "evaluate": "checkpoints=[{}]",
+    "export": "checkpoint={}",
+    "quantize": "checkpoint={}",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command, odd",
+    [(c, "kdcli's header, arch a string") for c in GIVEN_AS]
+    + [
+        ("distill", "a list"),
+        ("evaluate", "a tensor"),
+        ("export", "None"),
+        ("quantize", "a dict without kdcli's fields"),
+    ],
+)
+def test_a_checkpoint_that_kdcli_did_not_write_is_one_error_in_every_command(kd, command, odd):
+    content, phrase = ODD_CHECKPOINTS[odd]
+    path = kd.dir / "odd.pt"
+    torch.save(content, path)
+    before = path.read_bytes()
+    r = kd(command, GIVEN_AS[command].format(path), *(SMOKE if command == "distill" else ["debug=smoke"]))
+    assert_one_error(r, phrase, names=path)
+    assert path.read_bytes() == before  # read, never rewritten or removed
