@@ -582,3 +582,28 @@ def test_a_checkpoint_that_kdcli_did_not_write_is_one_error_in_every_command(kd,
     r = kd(command, GIVEN_AS[command].format(path), *(SMOKE if command == "distill" else ["debug=smoke"]))
     assert_one_error(r, phrase, names=path)
     assert path.read_bytes() == before  # read, never rewritten or removed
+
+
+@pytest.mark.parametrize("case", ["a 5000-character name", "a symbolic link loop", "/proc/1"])
+def test_kd_report_of_a_path_the_system_refuses_is_one_error(front, symlink_loop, case):
+    path, phrase = {
+        "a 5000-character name": ("x" * 5000, "File name too long"),
+        "a symbolic link loop": (str(symlink_loop), "Too many levels of symbolic links"),
+        "/proc/1": ("/proc/1", ""),  # its cwd link may not be followed (what it says depends on who runs it)
+    }[case]
+    code, out = front("report", path)
+    assert code == 1 and "Traceback" not in out and out.count("error:") == 1 and phrase in out, out
+    assert len(out) < 400, out  # the long name is cut
+
+
+def test_kd_report_of_a_folder_that_cannot_be_read_is_one_error(front, tmp_path, monkeypatch):
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+
+    def iterdir(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    code, out = front("report", str(folder))
+    assert code == 1 and "Traceback" not in out and out.count("error:") == 1, out
+    assert f"kd report {folder}: {folder}: Permission denied." in out, out
