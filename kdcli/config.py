@@ -311,6 +311,8 @@ def validate(cfg: DictConfig, command: str) -> None:
         _at_least(cfg, "dataset.limit", 1, nullable=True)
         _at_least(cfg, "dataset.shift", 0)
         _at_least(cfg, "dataset.workers", 0, nullable=True)
+        # as many loader processes as asked are started: dataset.workers=1000000 forks without end
+        _within(cfg, "dataset.workers", 0, 4 * (os.cpu_count() or 1), nullable=True)
         side = cfg.dataset.get("image_size")  # a shift beyond the image's side moves it out of the frame
         side = side if isinstance(side, int) and not isinstance(side, bool) and side > 0 else 64
         _within(cfg, "dataset.shift", 0, side)
@@ -409,6 +411,8 @@ def validate(cfg: DictConfig, command: str) -> None:
         _at_least(cfg, "latency.batch_size", 1)
         _at_least(cfg, "latency.warmup", 0)
         _at_least(cfg, "latency.repeats", 0)
+        _within(cfg, "latency.warmup", 0, 1e4)  # latency.repeats=1000000000 timed for days
+        _within(cfg, "latency.repeats", 0, 1e4)
         _within(cfg, "latency.threads", 1, 4 * (os.cpu_count() or 1), nullable=True)  # more only oversubscribes
     if command == "export":
         from kdcli.formats import EXPORTERS

@@ -159,6 +159,9 @@ def test_an_interpolation_that_does_not_resolve_is_one_error(kd, command, overri
         ("export", ["opset=99"], "opset"),
         ("export", ["opset=1000000000"], "opset"),
         ("evaluate", ["latency.threads=1000000"], "latency.threads"),
+        ("evaluate", ["latency.repeats=1000000000"], "latency.repeats"),
+        ("quantize", ["latency.warmup=1000000000"], "latency.warmup"),
+        ("distill", ["dataset.storage=stream", "dataset.workers=1000000"], "dataset.workers"),
     ],
 )
 def test_meaningless_values_are_refused_with_their_range(hydra_cfg, command, overrides, key):
@@ -166,7 +169,7 @@ def test_meaningless_values_are_refused_with_their_range(hydra_cfg, command, ove
         validate(hydra_cfg(command, overrides), command)
 
 
-@pytest.mark.parametrize("command", ["distill", "export"])
+@pytest.mark.parametrize("command", ["train_teacher", "distill", "evaluate", "export", "quantize"])
 def test_the_defaults_pass_the_range_checks(hydra_cfg, command):
     validate(hydra_cfg(command), command)
 
