@@ -610,3 +610,14 @@ def test_kd_report_of_a_folder_that_cannot_be_read_is_one_error(front, tmp_path,
     code, out = front("report", str(folder))
     assert code == 1 and "Traceback" not in out and out.count("error:") == 1, out
     assert f"kd report {folder}: {folder}: Permission denied." in out, out
+
+
+@pytest.mark.parametrize("case", ["a 5000-character name", "a symbolic link loop"])
+def test_resume_of_a_path_the_system_refuses_is_one_error(front, symlink_loop, case):
+    value, phrase = {
+        "a 5000-character name": ("x" * 5000, "File name too long"),
+        "a symbolic link loop": (str(symlink_loop), "Too many levels of symbolic links"),
+    }[case]
+    code, out = front("distill", f"resume={value}", "debug=smoke")
+    assert code == 1 and "Traceback" not in out and out.count("error:") == 1, out
+    assert out.startswith("error: resume=") and phrase in out and len(out) < 300, out
