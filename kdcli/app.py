@@ -362,7 +362,7 @@ def _compose_or_explain(command: str, overrides: list[str]) -> DictConfig:
     except Exception as e:  # Hydra's message, and OmegaConf's first line under it: the key and the type
         what = " ".join(str(e).split()) or type(e).__name__
         what = what.removeprefix("Error merging override ")
-        cause = str(e.__cause__).splitlines()[0].strip() if e.__cause__ is not None and str(e.__cause__) else ""
+        cause = str(e.__cause__).splitlines()[0].strip(" .") if e.__cause__ is not None and str(e.__cause__) else ""
         raise KdError(
             f"{shown(what, 200)}{f': {cause}' if cause else ''}. Give each key a value of its type "
             f"(kd {command.replace('_', '-')} --cfg job shows them)."
