@@ -54,15 +54,26 @@ def _help() -> str:
     return "\n".join(lines)
 
 
-def _overrides(args: list[str]) -> list[str]:
-    """The override arguments among Hydra's command-line arguments."""
+def _is_override(args: list[str]) -> list[bool]:
+    """Which of Hydra's command-line arguments are overrides (not flags, not a flag's value)."""
     out, previous = [], ""
     for a in args:
         takes_value = previous in _FLAGS_WITH_VALUE or (previous in ("--info", "-i") and a in _INFO_VALUES)
-        if not takes_value and not a.startswith("-"):
-            out.append(a)
+        out.append(not takes_value and not a.startswith("-"))
         previous = a
     return out
+
+
+def _overrides(args: list[str]) -> list[str]:
+    """The override arguments among Hydra's command-line arguments."""
+    return [a for a, o in zip(args, _is_override(args)) if o]
+
+
+def _flags_first(args: list[str]) -> list[str]:
+    """The flags (with their values), then the overrides in their order: Hydra's argparse takes the
+    overrides as one run of arguments, so `kd distill T=1 -m alpha=0.5` would be a usage error."""
+    marks = _is_override(args)
+    return [a for a, o in zip(args, marks) if not o] + [a for a, o in zip(args, marks) if o]
 
 
 def _parse(overrides: list[str]):
@@ -306,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             args = resumed_overrides(args)
         if command == "distill":  # teacher_train starts empty: its keys are added (++: also when resume= gave them)
             args = [f"++{a}" if a.startswith("teacher_train.") else a for a in args]
+        args = _flags_first(args)
         smoke = _prepare(command, args)
         if smoke:  # right after debug=smoke, among the other overrides (argparse wants them together)
             at = args.index("debug=smoke") + 1

@@ -101,3 +101,17 @@ def test_list_shows_registries(kd):
     assert kd("list", "modles").returncode == 1
     r = kd("list", "--help")
     assert r.returncode == 0 and "usage: kd list" in r.stdout
+
+
+def test_flags_may_stand_between_overrides():
+    from kdcli.cli import _flags_first
+
+    args = ["T=1", "-m", "alpha=0.5", "--cfg", "job", "seed=1", "--info", "config"]
+    assert _flags_first(args) == ["-m", "--cfg", "job", "--info", "config", "T=1", "alpha=0.5", "seed=1"]
+
+
+def test_overrides_after_a_flag_are_not_a_usage_error(kd):
+    # Hydra's argparse takes the overrides as one run of arguments: this used to exit 2
+    r = kd("distill", "T=2", "--cfg", "job", "debug=smoke", "alpha=0.3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "T: 2.0" in r.stdout and "alpha: 0.3" in r.stdout and "max_batches: 3" in r.stdout
