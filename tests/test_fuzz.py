@@ -346,7 +346,9 @@ def command_line(draw, command: str, w: World) -> list[str]:
         "export": [f"checkpoint={w.teacher}"],
         "quantize": [f"checkpoint={w.teacher}"],
     }.get(command, [])
-    return ["debug=smoke", *(model if draw(st.booleans()) else []), *args, *flag]
+    args = ["debug=smoke", *(model if draw(st.booleans()) else []), *args]
+    at = draw(st.integers(0, len(args)))  # a flag may stand anywhere among the overrides
+    return args[:at] + flag + args[at:]
 
 
 # ----------------------------------------------------------------------------------------------
