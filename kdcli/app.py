@@ -320,6 +320,7 @@ def _composed(command: str, args: list[str], multirun: bool) -> DictConfig:
     its message and no `error:`) is a KdError: a value of the wrong type, a sweep without -m, a
     sweep that the basic sweeper cannot run."""
     from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from kdcli.cli import _overrides
@@ -336,6 +337,7 @@ def _composed(command: str, args: list[str], multirun: bool) -> DictConfig:
     with initialize_config_module(config_module="kdcli.configs", version_base="1.3", job_name=command):
         cfg = _compose_or_explain(command, fixed)
         for o in sweeps:
+            o.config_loader = GlobalHydra.instance().config_loader()  # a glob sweep lists a group's options
             if o.is_interval_sweep():
                 if OmegaConf.select(cfg, "hydra.sweeper._target_") == BASIC_SWEEPER:
                     raise KdError(

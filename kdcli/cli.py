@@ -158,6 +158,8 @@ def _check_overrides(command: str, parsed: list) -> list[str]:
     ours = [o for o in parsed if not o.key_or_group.startswith("hydra")]
     with initialize_config_module(config_module="kdcli.configs", version_base="1.3", job_name=command):
         loader = GlobalHydra.instance().config_loader()
+        for o in parsed:  # a glob sweep (student=glob(res*)) lists the group's options through it
+            o.config_loader = loader
         cfg = compose(config_name=command, return_hydra_config=True)
         groups = {g for g in cfg.hydra.runtime.choices if not g.startswith("hydra")}
         known = {k for k in cfg if k != "hydra"} | groups
@@ -174,6 +176,11 @@ def _check_overrides(command: str, parsed: list) -> list[str]:
                 raise KdError(f"'{o.input_line}': {name} needs {o.key_or_group}; set another value instead.")
             if o.key_or_group in groups:
                 options = loader.get_group_options(o.key_or_group)
+                if not _values(o):  # a glob that matches no option
+                    raise KdError(
+                        f"'{o.input_line}' matches no {top} option. Options for {top}: "
+                        f"{', '.join(_collapse_families(options))}."
+                    )
                 for value in _values(o):
                     # A group may take several options at once: features=[at,rkd].
                     for v in value.strip("[]").split(",") if value.startswith("[") else [value]:
@@ -225,7 +232,7 @@ def _check_nesting(cfg, key: str, options: dict, add: bool) -> None:
     for i in range(1, len(parts)):
         prefix, part = ".".join(parts[:i]), parts[i]
         node = OmegaConf.select(cfg, prefix, default=None, throw_on_resolution_failure=False)
-        above = OmegaConf.select(cfg, ".".join(parts[: i - 1])) if i > 1 else cfg
+        above = cfg if i == 1 else OmegaConf.select(cfg, ".".join(parts[: i - 1]), throw_on_resolution_failure=False)
         if node is None and not add and isinstance(above, DictConfig) and parts[i - 1] not in above.keys():
             where, keys = ".".join(parts[: i - 1]), ", ".join(above.keys()) or "(none)"
             select = (

@@ -519,6 +519,7 @@ def front(tmp_path, monkeypatch, capsys):
         ),
         (["distill", "teacher.hidden=[5]", "teachers=[a.pt]"], "Drop 'teacher.hidden=[5]', or give one teacher as"),
         (["distill", "-m", "T=1,2", "--cfg", "job"], "--cfg and -m do not go together: give one of -m, --cfg"),
+        (["distill", "-m", "student=glob(zz*)"], "'student=glob(zz*)' matches no student option. Options for"),
     ],
 )
 def test_a_command_line_hydra_would_crash_on_is_one_error(front, tmp_path, args, phrase):
@@ -536,6 +537,7 @@ def test_a_command_line_hydra_would_crash_on_is_one_error(front, tmp_path, args,
         ["distill", "teachers=[]", "teacher=mlp"],  # no teachers: the teacher group is the one used
         ["export", "formats.0=onnx"],  # an index of the list
         ["distill", "features=at", "features.at.weight=2"],
+        ["distill", "-m", "student=glob(ml*)", "teacher=glob(lenet*)"],  # globs list a group's options
     ],
 )
 def test_what_those_checks_let_through(args):
