@@ -168,7 +168,7 @@ def keys(command: str, w: World) -> dict[str, list[str]]:
         "hydra.verbose": ["true", "kdcli"],
     }
     training = {
-        "teacher": ["mlp", "lenet5", "convnet", "resnet8", "mlpp", "tv_nope"],
+        "teacher": ["mlp", "lenet5", "convnet", "resnet8", "mlpp", "tv_nope", "glob(ml*)", "glob(zz*)"],
         "teacher.hidden": ["[8]", "[-5]", "[0]", "5", "[10000000000]", "abc"],
         "teacher.channels": ["[4,8]", "[0,0]", "[1]"],
         "teacher.dropout": ["0.1", "-0.5", "1.5", "abc"],
@@ -207,7 +207,7 @@ def keys(command: str, w: World) -> dict[str, list[str]]:
         "resume": ["auto", run, "/proc/1", str(w.loop), "", "missing_run", "a,b", LONG],
     }
     distill = {
-        "student": ["mlp", "lenet5", "convnet", "resnet8", "nope"],
+        "student": ["mlp", "lenet5", "convnet", "resnet8", "nope", "glob(lenet*)", "glob(zz*)"],
         "student.hidden": ["[8]", "[-5]", "[0]", "[]", "5"],
         "student.dropout": ["0", "-0.5", "1", "abc"],
         "loss": ["kd", "dkd", "mse", "ls", "soft_ce", "dist", "nope"],
