@@ -360,7 +360,7 @@ def _loaded_teachers(teachers: list, cfg, data) -> list[tuple] | None:
             ckpt = ckpt_meta(_spec_of(t), data, dcfg)
             loaded.append((freeze_teacher(t.to(data.device)), ckpt, None))
         elif isinstance(t, Result):  # its module: a checkpoint of an unregistered class cannot be rebuilt
-            ckpt = checkpoint.load(t.checkpoint)
+            ckpt = checkpoint.read(t.checkpoint)
             _check_teacher_data(ckpt, Path(t.checkpoint), data, dcfg)
             loaded.append((freeze_teacher(t.model.to(data.device)), ckpt, str(Path(t.checkpoint).resolve())))
         else:

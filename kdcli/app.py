@@ -8,6 +8,7 @@ whatever happened.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -30,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from kdcli import distributed, interrupt, resume, search
 from kdcli.config import resolve_device, validate
 from kdcli.errors import KdError
-from kdcli.files import check_makeable, write_json, write_text
+from kdcli.files import check_makeable, shown, write_json, write_text
 from kdcli.registry import import_user_modules
 from kdcli.report import console, error
 
@@ -283,10 +284,8 @@ def check_before_start(command: str, args: list[str]) -> None:
     that does not resolve (a traceback), and a run directory that cannot be made (Hydra makes it
     first, so runs_dir= would write at the file system's root and a file or a read-only folder
     would end in a traceback). Reported like a failed run: one error, exit 1 (SystemExit)."""
-    if _PRINT_ONLY & set(args):
-        return
     try:
-        _check_start(command, args)
+        _check_start(command, args, print_only=bool(_PRINT_ONLY & set(args)))
     except KdError as e:
         if full_error():
             raise
@@ -294,11 +293,19 @@ def check_before_start(command: str, args: list[str]) -> None:
         raise SystemExit(1) from None
 
 
-def _check_start(command: str, args: list[str]) -> None:
-    cfg = _composed(command, args)
-    if cfg is None:  # Hydra's own composition reports it
-        return
+# Hydra's ways to run a command: one at a time (it raises a ValueError for two).
+_MODES = {"-m": "-m", "--multirun": "-m", "-r": "--run", "--run": "--run", "-c": "--cfg", "--cfg": "--cfg"}
+_MODES |= {"-i": "--info", "--info": "--info", "-sc": "--shell-completion", "--shell-completion": "--shell-completion"}
+
+
+def _check_start(command: str, args: list[str], print_only: bool = False) -> None:
+    modes = sorted({_MODES[a] for a in args if a in _MODES})
+    if len(modes) > 1:
+        raise KdError(f"{' and '.join(modes)} do not go together: give one of -m, --cfg, --info, --shell-completion.")
     multirun = bool({"-m", "--multirun"} & set(args))
+    cfg = _composed(command, args, multirun)
+    if print_only:  # --cfg job, --help: nothing is written
+        return
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     _resolved(cfg, "runs_dir")  # named first: the run directory's own value is made of it
     run_dir = _resolved(cfg, key)
@@ -317,21 +324,65 @@ def _check_start(command: str, args: list[str]) -> None:
     check_makeable(Path(run_dir).expanduser(), key if given else "runs_dir")
 
 
-def _composed(command: str, args: list[str]) -> DictConfig | None:
-    """The config this command line composes (sweeps left out), Hydra's keys included."""
-    from hydra import compose, initialize_config_module
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def _composed(command: str, args: list[str], multirun: bool) -> DictConfig:
+    """The config this command line composes (sweeps left out), Hydra's keys included; with -m,
+    each value of each sweep is composed too. What Hydra would refuse with a traceback (or with
+    its message and no `error:`) is a KdError: a value of the wrong type, a sweep without -m, a
+    sweep that the basic sweeper cannot run."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from kdcli.cli import _overrides, search_path
 
+    parsed = OverridesParser.create().parse_overrides(_overrides(args))  # the front parsed them already
+    sweeps = [o for o in parsed if o.is_sweep_override()]
+    if sweeps and not multirun:
+        key = sweeps[0].key_or_group
+        raise KdError(
+            f"'{shown(sweeps[0].input_line)}' is a sweep: add -m to run one job per value. For one value that is "
+            f"a list, give {key}=[a,b]; for a string with commas, quote it: {key}='a,b'."
+        )
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    fixed = [o for o in fixed if not o.startswith("hydra.searchpath=")] + search_path(args, parsed)
+    with initialize_config_module(config_module="kdcli.configs", version_base="1.3", job_name=command):
+        cfg = _compose_or_explain(command, fixed)
+        for o in sweeps:
+            o.config_loader = GlobalHydra.instance().config_loader()  # a glob sweep lists a group's options
+            if o.is_interval_sweep():
+                if OmegaConf.select(cfg, "hydra.sweeper._target_") == BASIC_SWEEPER:
+                    raise KdError(
+                        f"'{o.input_line}': Hydra's basic sweeper runs listed values and cannot sample an interval. "
+                        f"List the values instead: -m {o.key_or_group}=0.5,1,2 (or {o.key_or_group}=range(1,5))."
+                    )
+                continue
+            for value in itertools.islice(o.sweep_string_iterator(), 100):  # each job's value composes too
+                _compose_or_explain(command, [*fixed, f"{o.get_key_element()}={value}"])
+    size = OmegaConf.select(cfg, "hydra.sweeper.max_batch_size", default=None)
+    if multirun and size is not None and not (isinstance(size, int) and size >= 1):
+        raise KdError(
+            f"hydra.sweeper.max_batch_size={size}: give the number of jobs launched at a time (>= 1), or null for "
+            "all of them at once."
+        )
+    return cfg
+
+
+def _compose_or_explain(command: str, overrides: list[str]) -> DictConfig:
+    from hydra import compose
+
     try:
-        parsed = OverridesParser.create().parse_overrides(_overrides(args))
-        with initialize_config_module(config_module="kdcli.configs", version_base="1.3", job_name=command):
-            overrides = [o.input_line for o in parsed if not o.is_sweep_override()]
-            overrides = [o for o in overrides if not o.startswith("hydra.searchpath=")] + search_path(args, parsed)
-            return compose(config_name=command, overrides=overrides, return_hydra_config=True)
-    except Exception:
-        return None
+        return compose(config_name=command, overrides=overrides, return_hydra_config=True)
+    except Exception as e:  # Hydra's message, and OmegaConf's first line under it: the key and the type
+        what = " ".join(str(e).split()) or type(e).__name__
+        what = what.removeprefix("Error merging override ")
+        cause = str(e.__cause__).splitlines()[0].strip(" .") if e.__cause__ is not None and str(e.__cause__) else ""
+        raise KdError(
+            f"{shown(what, 200)}{f': {cause}' if cause else ''}. Give each key a value of its type "
+            f"(kd {command.replace('_', '-')} --cfg job shows them)."
+        ) from None
 
 
 def _resolved(cfg: DictConfig, key: str | None):

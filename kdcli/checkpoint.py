@@ -94,6 +94,56 @@ def load(path: str | Path, kind: str = FORMAT) -> dict:
     return ckpt
 
 
+def read(path: str | Path) -> dict:
+    """A model checkpoint as the commands use it: load() and then check that it holds the fields
+    kdcli writes (role, arch, data, state_dict), each of its type, before any of them is used."""
+    ckpt = load(path)
+    if problem := _missing_field(ckpt):
+        raise KdError(
+            f"{Path(path).expanduser()} is not a complete kdcli checkpoint: {problem}. Re-run the command that "
+            "wrote it, or point to another checkpoint."
+        )
+    return ckpt
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _missing_field(ckpt: dict) -> str | None:
+    """What a checkpoint lacks of what save() writes, or None."""
+    arch, data, state = ckpt.get("arch"), ckpt.get("data"), ckpt.get("state_dict")
+    if not isinstance(ckpt.get("role", "model"), str):
+        return "its role is not a name"
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
+        return "no arch {name, kwargs}"
+    if not isinstance(arch.get("kwargs") or {}, dict):
+        return "arch.kwargs is not a mapping"
+    if not isinstance(data, dict):
+        return "no data {input_shape, num_classes, class_names, mean, std}"
+    shape, classes = data.get("input_shape"), data.get("num_classes")
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(_int_at_least(s, 1) for s in shape)):
+        return "data.input_shape is not [channels, height, width]"
+    if not _int_at_least(classes, 1):
+        return "data.num_classes is not a count"
+    names = data.get("class_names")
+    if not (isinstance(names, list) and len(names) == classes and all(isinstance(n, str) for n in names)):
+        return "data.class_names is not one name per class"
+    for key in ("mean", "std"):
+        value = data.get(key)
+        if not (isinstance(value, (list, tuple)) and len(value) == shape[0] and all(map(_number, value))):
+            return f"data.{key} is not one number per channel"
+    if not isinstance(data.get("dataset", {}), dict):
+        return "data.dataset is not a mapping"
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return "state_dict is not a mapping of tensors"
+    return None
+
+
+def _int_at_least(x, low: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
 def zip_damage(path: Path) -> str | None:
     """What is wrong with a zip file (torch.save's format), or None: a member whose bytes fail
     the CRC the zip stores for them (torch.load itself never checks it, so flipped bytes would

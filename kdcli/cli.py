@@ -13,6 +13,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from kdcli.errors import KdError
+from kdcli.files import shown
 from kdcli.report import error
 
 if TYPE_CHECKING:
@@ -57,13 +58,12 @@ def _help() -> str:
     return "\n".join(lines)
 
 
-def _overrides(args: list[str]) -> list[str]:
-    """The override arguments among Hydra's command-line arguments."""
+def _is_override(args: list[str]) -> list[bool]:
+    """Which of Hydra's command-line arguments are overrides (not flags, not a flag's value)."""
     out, previous = [], ""
     for a in args:
         takes_value = previous in _FLAGS_WITH_VALUE or (previous in ("--info", "-i") and a in _INFO_VALUES)
-        if not takes_value and not a.startswith("-"):
-            out.append(a)
+        out.append(not takes_value and not a.startswith("-"))
         previous = a
     return out
 
@@ -109,6 +109,18 @@ def search_path(args: list[str], parsed: list) -> list[str]:
     from kdcli.compose import fmt
 
     return [f"hydra.searchpath={fmt(entries)}"]
+
+
+def _overrides(args: list[str]) -> list[str]:
+    """The override arguments among Hydra's command-line arguments."""
+    return [a for a, o in zip(args, _is_override(args)) if o]
+
+
+def _flags_first(args: list[str]) -> list[str]:
+    """The flags (with their values), then the overrides in their order: Hydra's argparse takes the
+    overrides as one run of arguments, so `kd distill T=1 -m alpha=0.5` would be a usage error."""
+    marks = _is_override(args)
+    return [a for a, o in zip(args, marks) if not o] + [a for a, o in zip(args, marks) if o]
 
 
 def _parse(overrides: list[str]):
@@ -202,12 +214,15 @@ def _check_overrides(command: str, parsed: list, extra: list[str] = ()) -> tuple
     extra = list(extra)
     with initialize_config_module(config_module="kdcli.configs", version_base="1.3", job_name=command):
         loader = GlobalHydra.instance().config_loader()
+        for o in parsed:  # a glob sweep (student=glob(res*)) lists the group's options through it
+            o.config_loader = loader
         try:
             cfg = compose(config_name=command, overrides=extra, return_hydra_config=True)
         except Exception as e:  # a user's config folder whose YAML does not compose
             raise KdError(f"{name}: the config does not compose: {e}") from None
         groups = {g for g in cfg.hydra.runtime.choices if not g.startswith("hydra")}
         known = {k for k in cfg if k != "hydra"} | groups
+        group_options = {g: loader.get_group_options(g) for g in groups}
         selections = []
         for o in ours:
             top = o.key_or_group.split(".")[0]
@@ -224,6 +239,11 @@ def _check_overrides(command: str, parsed: list, extra: list[str] = ()) -> tuple
                 raise KdError(f"'{o.input_line}': {name} needs {o.key_or_group}; set another value instead.")
             if o.key_or_group in groups or added:
                 options = loader.get_group_options(o.key_or_group, config_name=command, overrides=extra)
+                if not _values(o):  # a glob that matches no option
+                    raise KdError(
+                        f"'{o.input_line}' matches no {top} option. Options for {top}: "
+                        f"{', '.join(_collapse_families(options))}."
+                    )
                 for value in _values(o):
                     # A group may take several options at once: features=[at,rkd].
                     for v in value.strip("[]").split(",") if value.startswith("[") else [value]:
@@ -243,6 +263,7 @@ def _check_overrides(command: str, parsed: list, extra: list[str] = ()) -> tuple
         # teacher_train.* are kd train-teacher's keys, checked when the teacher's recipe is composed
         if "." not in o.key_or_group or o.key_or_group.startswith("teacher_train."):
             continue
+        _check_nesting(cfg, o.key_or_group, group_options, add=o.type == OverrideType.ADD)
         parent, leaf = o.key_or_group.rsplit(".", 1)
         node = OmegaConf.select(cfg, parent)
         if not isinstance(node, DictConfig) or leaf in node.keys():  # `in node` is False for ??? values
@@ -254,6 +275,9 @@ def _check_overrides(command: str, parsed: list, extra: list[str] = ()) -> tuple
         keys = list(node.keys())
         hint = did_you_mean(leaf, keys).replace("'", f"'{parent}.", 1)
         raise KdError(f"Unknown key '{o.key_or_group}'.{hint} Keys of {parent}: {', '.join(keys) or '(none)'}.")
+    _check_bools(cfg, [o for o in ours if o.key_or_group not in groups])
+    if command == "distill":
+        _check_one_teacher_source(ours)
     if not any(o.key_or_group == "debug" and _values(o) == ["smoke"] for o in ours):
         return [], cfg
     given = {o.key_or_group for o in ours}
@@ -261,6 +285,74 @@ def _check_overrides(command: str, parsed: list, extra: list[str] = ()) -> tuple
         f"{k}={v}" for k, v in SMOKE.items() if k not in given and OmegaConf.select(cfg, k, default="<no>") != "<no>"
     ]
     return smoke, cfg
+
+
+def _check_nesting(cfg, key: str, options: dict, add: bool) -> None:
+    """a.b.c=... where a or a.b is a list or a value, which has no keys (formats.sub=x, T.x=1), or
+    where a.b does not exist (features.at.weight=1 before features=at is chosen)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        prefix, part = ".".join(parts[:i]), parts[i]
+        node = OmegaConf.select(cfg, prefix, default=None, throw_on_resolution_failure=False)
+        above = cfg if i == 1 else OmegaConf.select(cfg, ".".join(parts[: i - 1]), throw_on_resolution_failure=False)
+        if node is None and not add and isinstance(above, DictConfig) and parts[i - 1] not in above.keys():
+            where, keys = ".".join(parts[: i - 1]), ", ".join(above.keys()) or "(none)"
+            select = (
+                f" Choose the option first: {parts[0]}={parts[1]}."
+                if i == 2 and parts[1] in options.get(parts[0], [])
+                else ""
+            )
+            raise KdError(f"Unknown key '{key}': {where} has no key '{parts[i - 1]}' (keys: {keys}).{select}")
+        if OmegaConf.is_list(node):
+            if part.isdigit() and int(part) < len(node):
+                continue
+            raise KdError(
+                f"Unknown key '{key}': {prefix} is a list ({len(node)} entries), not a group of keys. "
+                f"Give the whole list: {prefix}=[a,b]."
+            )
+        if node is not None and not OmegaConf.is_config(node):
+            raise KdError(f"Unknown key '{key}': {prefix} is a value, not a group of keys. Give {prefix}=VALUE.")
+
+
+def _given(o) -> list:
+    """The values an override gives (each of a sweep's; none for an interval, which is sampled)."""
+    from itertools import islice
+
+    if not o.is_sweep_override():
+        return [o.value()]
+    return list(islice(o.sweep_iterator(), 1000)) if o.is_discrete_sweep() else []
+
+
+def _check_bools(cfg, overrides: list) -> None:
+    """A key whose default is true or false takes true or false: OmegaConf would turn baseline=2
+    or baseline=yes into True, and a key without a schema would keep 'sometimes' as a string."""
+    from omegaconf import OmegaConf
+
+    for o in overrides:
+        default = OmegaConf.select(cfg, o.key_or_group, default=None, throw_on_resolution_failure=False)
+        if not isinstance(default, bool):
+            continue
+        for v in _given(o):
+            if not isinstance(v, bool) and not (isinstance(v, str) and "${" in v):  # an interpolation resolves later
+                raise KdError(
+                    f"{o.key_or_group}={shown('null' if v is None else v)}: {o.key_or_group} takes true or false."
+                )
+
+
+def _check_one_teacher_source(overrides: list) -> None:
+    """teachers=[...] takes each teacher from its checkpoint: teacher=... or teacher.KEY=... beside
+    it would be ignored without a word, so the two are refused together."""
+    several = next((o for o in overrides if o.key_or_group == "teachers" and any(_given(o))), None)
+    one = next((o for o in overrides if o.key_or_group.split(".")[0] == "teacher"), None)
+    if several is not None and one is not None:
+        given = shown(one.input_line)
+        raise KdError(
+            f"'{given}' and teachers=[...] both given: with teachers=[...] each teacher's architecture and weights "
+            f"come from its checkpoint, so '{given}' would be ignored. Drop '{given}', or give one teacher as "
+            "teacher.ckpt=PATH without teachers=[...]."
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             args = [f"++{a}" if a.startswith("teacher_train.") else a for a in args]
             # experiment is in the defaults list (experiment=NAME); Hydra's docs write +experiment=NAME for it
             args = [a[1:] if a.startswith("+experiment=") else a for a in args]
+        args = _flags_first(args)
         smoke, cfg = _checked(command, args)
         if smoke:  # right after debug=smoke, among the other overrides (argparse wants them together)
             at = args.index("debug=smoke") + 1

@@ -304,6 +304,7 @@ def validate(cfg: DictConfig, command: str) -> None:
     for key in ("runs_dir", "data_root"):  # empty, a path names the file system's root or the current directory
         _check(str(cfg[key]).strip() != "", f"{key} is empty: give {key}=PATH, or leave it out for the default.")
     _within(cfg, "seed", 0, 2**32 - 1)  # what NumPy's seed takes
+    _check_paths(cfg, command)
     if command in ("train_teacher", "distill"):
         _at_least(cfg, "trainer.epochs", 1)
         _at_least(cfg, "trainer.batch_size", 1)
@@ -315,6 +316,8 @@ def validate(cfg: DictConfig, command: str) -> None:
         _at_least(cfg, "dataset.limit", 1, nullable=True)
         _at_least(cfg, "dataset.shift", 0)
         _at_least(cfg, "dataset.workers", 0, nullable=True)
+        # as many loader processes as asked are started: dataset.workers=1000000 forks without end
+        _within(cfg, "dataset.workers", 0, 4 * (os.cpu_count() or 1), nullable=True)
         side = cfg.dataset.get("image_size")  # a shift beyond the image's side moves it out of the frame
         side = side if isinstance(side, int) and not isinstance(side, bool) and side > 0 else 64
         _within(cfg, "dataset.shift", 0, side)
@@ -326,6 +329,12 @@ def validate(cfg: DictConfig, command: str) -> None:
             f"dataset.val_size must be a count >= 1 or a fraction in (0, 1) (got {val_size!r}).",
         )
         _within(cfg, "dataset.split_seed", 0, 2**32 - 1)  # what NumPy's seed takes
+        classes = cfg.dataset.get("classes")
+        _check(
+            classes is None
+            or (OmegaConf.is_list(classes) and all(isinstance(c, (int, str)) and c is not True for c in classes)),
+            f"dataset.classes takes a list of class names or indices, e.g. dataset.classes=[0,1,2] (got {classes}).",
+        )
         _within(cfg, "trainer.epochs", 1, 1e6)
         _within(cfg, "trainer.batch_size", 1, 1e7)
         storage = cfg.dataset.get("storage", "auto")
@@ -415,6 +424,8 @@ def validate(cfg: DictConfig, command: str) -> None:
         _at_least(cfg, "latency.batch_size", 1)
         _at_least(cfg, "latency.warmup", 0)
         _at_least(cfg, "latency.repeats", 0)
+        _within(cfg, "latency.warmup", 0, 1e4)  # latency.repeats=1000000000 timed for days
+        _within(cfg, "latency.repeats", 0, 1e4)
         _within(cfg, "latency.threads", 1, 4 * (os.cpu_count() or 1), nullable=True)  # more only oversubscribes
     if command == "export":
         from kdcli.formats import EXPORTERS
@@ -427,6 +438,27 @@ def validate(cfg: DictConfig, command: str) -> None:
         _at_least(cfg, "check_batches", 1)
         _at_least(cfg, "batch_size", 1)
         _at_least(cfg, "atol", 0)
+
+
+# The keys that name files or folders to read, per command (checked by files.check_path).
+PATH_KEYS = {
+    "train_teacher": ["data_root", "imports", "dataset.root", "resume"],
+    "distill": ["data_root", "imports", "dataset.root", "resume", "teacher.ckpt", "teachers"],
+    "evaluate": ["data_root", "imports", "checkpoints", "run", "reference"],
+    "export": ["data_root", "imports", "checkpoint", "run", "out_dir"],
+    "quantize": ["data_root", "imports", "checkpoint", "run", "out_dir"],
+}
+
+
+def _check_paths(cfg, command: str) -> None:
+    from kdcli.files import check_path
+
+    for key in PATH_KEYS.get(command, []):
+        value = OmegaConf.select(cfg, key)
+        values = list(enumerate(value)) if OmegaConf.is_list(value) else [(None, value)]
+        for i, v in values:
+            if isinstance(v, str) and v and not (key == "resume" and v == "auto"):
+                check_path(key if i is None else f"{key}[{i}]", v)
 
 
 def _within(cfg, key: str, low: float, high: float, nullable: bool = False) -> None:
@@ -468,6 +500,7 @@ def _validate_optimizer(cfg) -> None:
     """The ranges of the optimizer and scheduler keys that torch accepts but that mean nothing
     (a momentum of 2 diverges, and the NaN it leads to would be blamed on lr or T)."""
     given = {f"{group}.{k}" for group in ("optimizer", "scheduler") for k in cfg[group].keys()}
+    _check_optimizer_types(cfg.optimizer)
     for key, low, high in (
         ("optimizer.momentum", 0, 1),
         ("optimizer.dampening", 0, 1),
@@ -480,6 +513,32 @@ def _validate_optimizer(cfg) -> None:
     ):
         if key in given:
             _within(cfg, key, low, high)
+
+
+def _check_optimizer_types(opt: DictConfig) -> None:
+    """Each keyword of the torch optimizer of the type its default has: torch's fused kernels
+    fail with a traceback on optimizer.nesterov=sometimes."""
+    import inspect
+
+    from kdcli.optim import OPTIMIZER_CLASSES
+
+    params = inspect.signature(OPTIMIZER_CLASSES[opt.name]).parameters
+    for key in opt.keys():
+        if key == "name" or key not in params:  # an unknown keyword is refused when the optimizer is built
+            continue
+        default, value = params[key].default, opt[key]
+        if isinstance(default, bool) or key in ("foreach", "fused"):
+            ok, want = isinstance(value, bool) or (value is None and default is None), "true or false"
+        elif isinstance(default, (int, float)):
+            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif isinstance(default, tuple):
+            ok = OmegaConf.is_list(value) and len(value) == len(default)
+            ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            want = f"a list of {len(default)} numbers, e.g. {list(default)}"
+        else:
+            continue
+        shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        _check(ok, f"optimizer.{key} must be {want} (got {shown!r}).")
 
 
 def _validate_distill(cfg: DictConfig) -> None:

@@ -89,6 +89,26 @@ def _unusable(key: str, path: Path, why: str) -> KdError:
     )
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """A value as an error message quotes it: a 5000-character path is cut to its start."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def check_path(key: str, value: str) -> None:
+    """A path from the config that the system will not even look up (a name too long, a symbolic
+    link loop, a folder this user may not search, a NUL) is one error naming the key. A path that
+    does not exist is left to the command, which says where it looked."""
+    if "\x00" in value:
+        raise KdError(f"{key}: the path holds a NUL character. Give a path without one.")
+    try:
+        os.stat(Path(value).expanduser())
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as e:
+        raise KdError(f"{key}={shown(value)}: {e.strerror}. Give a path that can be opened.") from None
+
+
 # A name read from a file becomes at most this many characters of a file name: with a suffix
 # (".int8-dynamic.onnx") and atomic_write's ".<name>.<pid>-<random>.tmp" it stays under 255 bytes.
 NAME_LIMIT = 100

@@ -220,7 +220,7 @@ def open_model(path: str | Path, device: torch.device | None = None, trust_progr
         raise untrusted(path, fmt)
     threads = torch.get_num_threads()
     if fmt == "checkpoint":
-        ck = checkpoint.load(path)
+        ck = checkpoint.read(path)
         return module_file(path, "checkpoint", card_of(ck, path), checkpoint.build_from(ck, path), device)
     try:
         return OPENERS[fmt](path, threads)

@@ -117,9 +117,11 @@ def summarise_sweep(sweep_dir: Path) -> list[dict]:
     overrides = [dict(o.split("=", 1) for o in _job_overrides(job) if "=" in o) for job in jobs]
     swept = [k for k in dict.fromkeys(k for o in overrides for k in o) if len({o.get(k) for o in overrides}) > 1]
     fixed = {k: v for k, v in (overrides[0] if overrides else {}).items() if k not in swept}
-    rows, objective = [], None
+    rows, objective, commands = [], None, set()
     for job, over in zip(jobs, overrides):
         metrics = _job_metrics(job)
+        if isinstance(metrics.get("command"), str):
+            commands.add(metrics["command"])
         row = {"job": int(job.name), **{k: over.get(k) for k in swept}, "status": metrics.get("status")}
         record = metrics.get("objective")
         if isinstance(record, dict) and isinstance(record.get("key"), str):
@@ -157,7 +159,16 @@ def summarise_sweep(sweep_dir: Path) -> list[dict]:
     unfinished = [r for r in rows if r["status"] != "completed"]
     for r in unfinished:
         console.print(f"[red]job {r['job']} {r['status']}[/red]: {escape(r.get('error', ''))}", highlight=False)
-    if unfinished:
+    resumable = commands <= {"train_teacher", "distill"}  # the commands that take resume=
+    if unfinished and not resumable:
+        names = " / ".join(f"kd {c.replace('_', '-')}" for c in sorted(commands))
+        console.print(
+            f"To finish the unfinished jobs: run the same sweep command again ({names} starts over; no resume=).",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+    elif unfinished:
         console.print(
             f"To finish the unfinished jobs in place: re-run the same sweep command with "
             f"hydra.sweep.dir={sweep_dir} resume=auto (completed jobs are kept).",

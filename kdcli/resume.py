@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from kdcli import checkpoint, distributed
 from kdcli.errors import KdError
-from kdcli.files import read_jsonl, write_json, write_jsonl
+from kdcli.files import check_path, read_jsonl, write_json, write_jsonl
 
 log = logging.getLogger("kdcli")
 
@@ -138,6 +138,7 @@ def has_state(run_dir: Path) -> bool:
 
 def run_dir_of(value: str) -> Path:
     """The run directory that resume=PATH names: the directory, or the one holding the file."""
+    check_path("resume", value)  # a name too long, a symbolic link loop: one error, not an OSError
     path = Path(value).expanduser()
     if path.is_file():
         path = path.parent.parent if path.parent.name == "checkpoints" else path.parent

@@ -1,4 +1,5 @@
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,56 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
         files.atomic_write(target, crash)
     assert target.read_text().strip().replace(" ", "").replace("\n", "") == '{"v":1}'
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def _edited(ck: dict, key: str, value) -> dict:
+    """ck with key ("arch", "data.num_classes", ...) set to value, or removed for ...; a copy."""
+    out = {**ck, "arch": dict(ck["arch"]), "data": dict(ck["data"])}
+    parent, _, leaf = key.rpartition(".")
+    node = out[parent] if parent else out
+    if value is ...:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    "content, phrase",
+    [
+        ({"weights": 1}, "not a kdcli checkpoint"),
+        ([1, 2], "not a kdcli checkpoint"),
+        (torch.zeros(3), "not a kdcli checkpoint"),
+        (None, "not a kdcli checkpoint"),
+        ({"format": checkpoint.FORMAT}, "no arch {name, kwargs}"),
+        (("arch", ...), "no arch {name, kwargs}"),
+        (("arch", "mlp"), "no arch {name, kwargs}"),
+        (("arch.name", 5), "no arch {name, kwargs}"),
+        (("arch.kwargs", [1]), "arch.kwargs is not a mapping"),
+        (("data", ...), "no data {input_shape"),
+        (("data", "x"), "no data {input_shape"),
+        (("data.input_shape", ...), "data.input_shape is not [channels, height, width]"),
+        (("data.input_shape", [1, 28, -28]), "data.input_shape is not [channels, height, width]"),
+        (("data.num_classes", "ten"), "data.num_classes is not a count"),
+        (("data.class_names", ["0"]), "data.class_names is not one name per class"),
+        (("data.mean", [0.1, 0.2]), "data.mean is not one number per channel"),
+        (("data.std", "x"), "data.std is not one number per channel"),
+        (("data.dataset", [1]), "data.dataset is not a mapping"),
+        (("state_dict", "x"), "state_dict is not a mapping of tensors"),
+        (("state_dict", {"w": [1.0]}), "state_dict is not a mapping of tensors"),
+        (("role", ["student"]), "its role is not a name"),
+    ],
+)
+def test_a_checkpoint_without_the_fields_kdcli_writes_is_refused_by_name(tmp_path, content, phrase):
+    _save(tmp_path / "good.pt")
+    if isinstance(content, tuple):
+        content = _edited(torch.load(tmp_path / "good.pt", weights_only=True), *content)
+    torch.save(content, tmp_path / "odd.pt")
+    with pytest.raises(KdError, match=re.escape(phrase)) as e:
+        checkpoint.read(tmp_path / "odd.pt")
+    assert str(tmp_path / "odd.pt") in str(e.value)
+
+
+def test_a_complete_checkpoint_reads_as_it_loads(tmp_path):
+    _save(tmp_path / "good.pt")
+    assert checkpoint.read(tmp_path / "good.pt").keys() == checkpoint.load(tmp_path / "good.pt").keys()

@@ -60,11 +60,12 @@ def test_smoke_preset_shows_what_it_sets(kd):
     assert "device: cpu" in r.stdout
 
 
-def test_wrong_type_is_a_short_hydra_error(kd):
+def test_wrong_type_is_one_error_naming_the_key(kd):
     r = kd("distill", "T=abc")
-    assert r.returncode == 1
-    assert "Value 'abc' of type 'str' could not be converted to Float" in r.stderr
-    assert "Traceback" not in r.stderr
+    out = " ".join((r.stdout + r.stderr).split())
+    assert r.returncode == 1 and "Traceback" not in out and out.count("error:") == 1, out
+    assert "error: T=abc: Value 'abc' of type 'str' could not be converted to Float" in out
+    assert "HYDRA_FULL_ERROR" not in out
 
 
 def test_full_traceback_on_request(kd):
@@ -100,3 +101,17 @@ def test_list_shows_registries(kd):
     assert kd("list", "modles").returncode == 1
     r = kd("list", "--help")
     assert r.returncode == 0 and "usage: kd list" in r.stdout
+
+
+def test_flags_may_stand_between_overrides():
+    from kdcli.cli import _flags_first
+
+    args = ["T=1", "-m", "alpha=0.5", "--cfg", "job", "seed=1", "--info", "config"]
+    assert _flags_first(args) == ["-m", "--cfg", "job", "--info", "config", "T=1", "alpha=0.5", "seed=1"]
+
+
+def test_overrides_after_a_flag_are_not_a_usage_error(kd):
+    # Hydra's argparse takes the overrides as one run of arguments: this used to exit 2
+    r = kd("distill", "T=2", "--cfg", "job", "debug=smoke", "alpha=0.3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "T: 2.0" in r.stdout and "alpha: 0.3" in r.stdout and "max_batches: 3" in r.stdout

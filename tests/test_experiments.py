@@ -70,7 +70,10 @@ def test_overrides_apply_on_top_of_a_preset(kd):
 
 def test_a_preset_typo_is_one_error(kd):
     line = one_error(kd("distill", "experiment=dkk"))
-    assert "Unknown experiment 'dkk'. Did you mean 'dkd'? Options for experiment: dist, dkd, dml, funmatch, ls, patient" in line
+    assert (
+        "Unknown experiment 'dkk'. Did you mean 'dkd'? Options for experiment: dist, dkd, dml, funmatch, ls, patient"
+        in line
+    )
     line = one_error(kd("distill", "+experiment=dkk"))
     assert "Unknown experiment 'dkk'" in line
 

@@ -46,6 +46,17 @@ from kdcli.errors import KdError
             r"schedule.alpha_end=0.5 has no effect with schedule.alpha=constant; set schedule.alpha=linear\|cosine\|",
         ),
         (["schedule.T=linear", "schedule.T_end=2"], None),
+        (["optimizer.nesterov=sometimes"], r"optimizer.nesterov must be true or false \(got 'sometimes'\)"),
+        (["optimizer.nesterov=false"], None),
+        (["optimizer.weight_decay=abc"], r"optimizer.weight_decay must be a number \(got 'abc'\)"),
+        (
+            ["optimizer=adam", "+optimizer.betas=[0.9]"],
+            r"optimizer.betas must be a list of 2 numbers, e.g. \[0.9, 0.999\] \(got \[0.9\]\)",
+        ),
+        (["scheduler.min_lr=abc"], r"scheduler.min_lr must be a number in \[0, 1000\] \(got 'abc'\)"),
+        (["dataset.classes=10"], r"dataset.classes takes a list of class names or indices, .* \(got 10\)"),
+        (["dataset.classes=abc"], r"dataset.classes takes a list of class names or indices, .* \(got abc\)"),
+        (["dataset.classes=[0,1]"], None),
     ],
 )
 def test_absurd_values_are_refused_with_the_range(hydra_cfg, overrides, message):

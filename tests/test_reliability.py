@@ -159,6 +159,9 @@ def test_an_interpolation_that_does_not_resolve_is_one_error(kd, command, overri
         ("export", ["opset=99"], "opset"),
         ("export", ["opset=1000000000"], "opset"),
         ("evaluate", ["latency.threads=1000000"], "latency.threads"),
+        ("evaluate", ["latency.repeats=1000000000"], "latency.repeats"),
+        ("quantize", ["latency.warmup=1000000000"], "latency.warmup"),
+        ("distill", ["dataset.storage=stream", "dataset.workers=1000000"], "dataset.workers"),
     ],
 )
 def test_meaningless_values_are_refused_with_their_range(hydra_cfg, command, overrides, key):
@@ -166,7 +169,7 @@ def test_meaningless_values_are_refused_with_their_range(hydra_cfg, command, ove
         validate(hydra_cfg(command, overrides), command)
 
 
-@pytest.mark.parametrize("command", ["distill", "export"])
+@pytest.mark.parametrize("command", ["train_teacher", "distill", "evaluate", "export", "quantize"])
 def test_the_defaults_pass_the_range_checks(hydra_cfg, command):
     validate(hydra_cfg(command), command)
 
@@ -411,3 +414,212 @@ def test_two_distills_started_at_once_without_a_teacher_do_not_corrupt_each_othe
     for out in outs:  # each says where its teacher came from
         said = flat(out)
         assert "(trained now)" in said or "(latest train-teacher run of this recipe)" in said, out
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths in the config that the system will not look up, and folders it may not read
+
+
+@pytest.fixture
+def symlink_loop(tmp_path) -> Path:
+    os.symlink(tmp_path / "loop_b", tmp_path / "loop_a")
+    os.symlink(tmp_path / "loop_a", tmp_path / "loop_b")
+    return tmp_path / "loop_a"
+
+
+@pytest.mark.parametrize(
+    "command, key, value, message",
+    [
+        ("distill", "teacher.ckpt", "x" * 5000, "teacher.ckpt=xxxx"),
+        ("distill", "teachers", "[{}]", "teachers[0]="),
+        ("evaluate", "checkpoints", "[{}]", "checkpoints[0]="),
+        ("evaluate", "reference", "{}/x.pt", "reference="),
+        ("export", "checkpoint", "{}", "checkpoint="),
+        ("export", "out_dir", "y" * 300, "out_dir=yyyy"),
+        ("quantize", "run", "{}", "run="),
+    ],
+)
+def test_a_path_the_system_will_not_look_up_is_refused_by_key(hydra_cfg, symlink_loop, command, key, value, message):
+    cfg = hydra_cfg(command, [f"{key}={value.format(symlink_loop)}"])
+    with pytest.raises(KdError) as e:
+        validate(cfg, command)
+    text = str(e.value)
+    assert text.startswith(message) and ("Too many levels of symbolic links" in text or "File name too long" in text)
+    assert len(text) < 200, text  # a 5000-character value is cut in the message
+
+
+def test_a_folder_that_cannot_be_read_is_an_imagefolder_error(tmp_path, monkeypatch):
+    from kdcli.data import folder
+
+    (tmp_path / "cat").mkdir()
+
+    def scandir(path):  # what /proc/1 gives: its cwd link may not be followed
+        raise PermissionError(13, "Permission denied", str(tmp_path / "cwd"))
+
+    monkeypatch.setattr(folder.os, "scandir", scandir)
+    with pytest.raises(KdError, match=r"imagefolder: cannot read .*cwd: Permission denied. Fix: dataset.root=PATH"):
+        folder._scan(tmp_path)
+
+
+@pytest.mark.slow
+def test_the_hostile_paths_of_the_issue_are_one_error_each(kd, symlink_loop):
+    assert_one_error(kd("evaluate", f"checkpoints=[{symlink_loop}]"), "Too many levels of symbolic links")
+    r = kd("distill", f"teacher.ckpt={'x' * 5000}", *SMOKE)
+    assert_one_error(r, "teacher.ckpt=", "File name too long", "(5000 characters)")
+    assert not (kd.dir / "runs" / "train_teacher").exists()  # refused before a teacher was trained
+    r = kd("distill", "dataset=imagefolder", "dataset.root=/proc/1", *SMOKE)
+    assert_one_error(r, "imagefolder", "/proc/1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command lines that Hydra or OmegaConf would answer with a traceback, with its message and no
+# `error:`, or by silently taking another value: refused by the front before anything is written
+
+
+@pytest.fixture
+def front(tmp_path, monkeypatch, capsys):
+    """kd's front in this process: (exit code, output on one line). Refusals end before Hydra runs."""
+    from kdcli.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDCLI_RUNS", str(tmp_path / "runs"))
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+    def call(*args: str) -> tuple[int, str]:
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, flat(out.out + out.err)
+
+    return call
+
+
+@pytest.mark.parametrize(
+    "args, phrase",
+    [
+        (["distill", "-m", "T=interval(0,1)"], "'T=interval(0,1)': Hydra's basic sweeper runs listed values"),
+        (["distill", "-m", "T=1,2", "hydra.sweeper.max_batch_size=0"], "hydra.sweeper.max_batch_size=0: give the"),
+        (["distill", "-m", "T=1", "hydra.sweeper.max_batch_size=abc"], "hydra.sweeper.max_batch_size=abc: Value"),
+        (["distill", "T=1,2"], "'T=1,2' is a sweep: add -m to run one job per value"),
+        (["distill", "T=abc"], "T=abc: Value 'abc' of type 'str' could not be converted to Float"),
+        (["distill", "-m", "T=1,abc"], "T=abc: Value 'abc' of type 'str' could not be converted to Float"),
+        (["distill", "trainer.epochs=1.5"], "trainer.epochs=1.5: Value '1.5' of type 'float' could not be"),
+        (["distill", "--cfg", "job", "seed=[1]"], "seed=[1]: Value '[1]' of type 'list' could not be converted"),
+        (["export", "formats.sub=x"], "Unknown key 'formats.sub': formats is a list (4 entries), not a group"),
+        (["export", "formats.7=onnx"], "Unknown key 'formats.7': formats is a list"),
+        (["distill", "T.x=1"], "Unknown key 'T.x': T is a value, not a group of keys"),
+        (["distill", "features.at.weight=1"], "features has no key 'at' (keys: (none)). Choose the option first"),
+        (["distill", "baseline=2"], "baseline=2: baseline takes true or false"),
+        (["distill", "baseline=yes"], "baseline=yes: baseline takes true or false"),
+        (["distill", "-m", "baseline=true,2"], "baseline=2: baseline takes true or false"),
+        (["evaluate", "figures=0"], "figures=0: figures takes true or false"),
+        (["distill", "optimizer.nesterov=sometimes"], "optimizer.nesterov=sometimes: optimizer.nesterov takes true"),
+        (
+            ["distill", "teachers=[a.pt,b.pt]", "teacher=resnet8"],
+            "'teacher=resnet8' and teachers=[...] both given: with teachers=[...] each teacher's architecture",
+        ),
+        (["distill", "teacher.hidden=[5]", "teachers=[a.pt]"], "Drop 'teacher.hidden=[5]', or give one teacher as"),
+        (["distill", "-m", "T=1,2", "--cfg", "job"], "--cfg and -m do not go together: give one of -m, --cfg"),
+        (["distill", "-m", "student=glob(zz*)"], "'student=glob(zz*)' matches no student option. Options for"),
+    ],
+)
+def test_a_command_line_hydra_would_crash_on_is_one_error(front, tmp_path, args, phrase):
+    code, out = front(*args, "debug=smoke")
+    assert code == 1 and "Traceback" not in out and "HYDRA_FULL_ERROR" not in out, out
+    assert out.count("error:") == 1 and phrase in out, out
+    assert not (tmp_path / "runs").exists()  # refused before Hydra made a run directory
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["distill", "baseline=false", "trainer.deterministic=True"],
+        ["distill", "-m", "baseline=true,false"],
+        ["distill", "teachers=[]", "teacher=mlp"],  # no teachers: the teacher group is the one used
+        ["export", "formats.0=onnx"],  # an index of the list
+        ["distill", "features=at", "features.at.weight=2"],
+        ["distill", "-m", "student=glob(ml*)", "teacher=glob(lenet*)"],  # globs list a group's options
+    ],
+)
+def test_what_those_checks_let_through(args):
+    from kdcli.app import _check_start
+    from kdcli.cli import COMMANDS, _prepare
+
+    command = COMMANDS[args[0]][0]
+    _prepare(command, args[1:])
+    _check_start(command, args[1:], print_only=True)  # composes each job's config, runs nothing
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints that are not what kdcli wrote, given to each command that reads one
+
+
+ODD_CHECKPOINTS = {
+    "a dict without kdcli's fields": ({"weights": [1, 2]}, "not a kdcli checkpoint"),
+    "a list": ([1, 2], "not a kdcli checkpoint"),
+    "a tensor": (torch.zeros(3), "not a kdcli checkpoint"),
+    "None": (None, "not a kdcli checkpoint"),
+    "kdcli's header, arch a string": ({"format": checkpoint.FORMAT, "arch": "mlp"}, "no arch {name, kwargs}"),
+}
+GIVEN_AS = {
+    "distill": "teacher.ckpt={}",
+    "evaluate": "checkpoints=[{}]",
+    "export": "checkpoint={}",
+    "quantize": "checkpoint={}",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command, odd",
+    [(c, "kdcli's header, arch a string") for c in GIVEN_AS]
+    + [
+        ("distill", "a list"),
+        ("evaluate", "a tensor"),
+        ("export", "None"),
+        ("quantize", "a dict without kdcli's fields"),
+    ],
+)
+def test_a_checkpoint_that_kdcli_did_not_write_is_one_error_in_every_command(kd, command, odd):
+    content, phrase = ODD_CHECKPOINTS[odd]
+    path = kd.dir / "odd.pt"
+    torch.save(content, path)
+    before = path.read_bytes()
+    r = kd(command, GIVEN_AS[command].format(path), *(SMOKE if command == "distill" else ["debug=smoke"]))
+    assert_one_error(r, phrase, names=path)
+    assert path.read_bytes() == before  # read, never rewritten or removed
+
+
+@pytest.mark.parametrize("case", ["a 5000-character name", "a symbolic link loop", "/proc/1"])
+def test_kd_report_of_a_path_the_system_refuses_is_one_error(front, symlink_loop, case):
+    path, phrase = {
+        "a 5000-character name": ("x" * 5000, "File name too long"),
+        "a symbolic link loop": (str(symlink_loop), "Too many levels of symbolic links"),
+        "/proc/1": ("/proc/1", ""),  # its cwd link may not be followed (what it says depends on who runs it)
+    }[case]
+    code, out = front("report", path)
+    assert code == 1 and "Traceback" not in out and out.count("error:") == 1 and phrase in out, out
+    assert len(out) < 400, out  # the long name is cut
+
+
+def test_kd_report_of_a_folder_that_cannot_be_read_is_one_error(front, tmp_path, monkeypatch):
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+
+    def iterdir(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    code, out = front("report", str(folder))
+    assert code == 1 and "Traceback" not in out and out.count("error:") == 1, out
+    assert f"kd report {folder}: {folder}: Permission denied." in out, out
+
+
+@pytest.mark.parametrize("case", ["a 5000-character name", "a symbolic link loop"])
+def test_resume_of_a_path_the_system_refuses_is_one_error(front, symlink_loop, case):
+    value, phrase = {
+        "a 5000-character name": ("x" * 5000, "File name too long"),
+        "a symbolic link loop": (str(symlink_loop), "Too many levels of symbolic links"),
+    }[case]
+    code, out = front("distill", f"resume={value}", "debug=smoke")
+    assert code == 1 and "Traceback" not in out and out.count("error:") == 1, out
+    assert out.startswith("error: resume=") and phrase in out and len(out) < 300, out

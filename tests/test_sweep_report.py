@@ -119,6 +119,20 @@ def test_report_of_a_hand_built_sweep(tmp_path, capsys):
     assert [r["status"] for r in read_summary(sweep)] == ["completed", "completed", "running", "missing"]
 
 
+@pytest.mark.parametrize("command", ["evaluate", "export", "quantize"])
+def test_a_sweep_of_a_command_without_resume_is_not_told_to_resume(tmp_path, capsys, command):
+    sweep = tmp_path / "sweep"
+    job(sweep, 0, ["limit=1"], {"status": "completed", "command": command})
+    job(sweep, 1, ["limit=2"], {"status": "failed", "command": command, "error": "boom"})
+    code, out = report(capsys, sweep)
+    out = words(out)
+    assert code == 1 and HINT not in out and "resume=" not in out.replace("no resume=", ""), out
+    name = command.replace("_", "-")
+    assert (
+        f"To finish the unfinished jobs: run the same sweep command again (kd {name} starts over; no resume=)." in out
+    )
+
+
 def test_report_of_one_run_directory(tmp_path, capsys):
     figures = {"teacher": {"test_acc": 0.981}, "scratch": {"test_acc": 0.9012}, "student": {"test_acc": 0.9234}}
     done = run_dir(

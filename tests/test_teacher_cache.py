@@ -149,3 +149,35 @@ def test_feature_terms_use_cached_teacher_features_and_train_as_without_them(kd)
     for a, b in zip(read_jsonl(runs[0] / "metrics.jsonl"), read_jsonl(runs[1] / "metrics.jsonl")):
         assert a["val_acc"] == pytest.approx(b["val_acc"], abs=0.005)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_parallel_sweep_jobs_share_the_cache_byte_for_byte_and_train_as_one_after_the_other(kd):
+    """Two joblib jobs at once with one runs_dir: whichever computes the teacher outputs (or both,
+    each writing its own temporary file, then renaming), the cache file is the one a job computes
+    alone, and each job's student is the one it trains in a sweep that runs one job at a time."""
+    r = kd("train-teacher", "debug=smoke", "teacher=mlp")
+    assert r.returncode == 0, r.stdout + r.stderr
+    teacher = next((kd.dir / "runs" / "train_teacher").glob("*/checkpoints/teacher_best.pt"))
+    common = ["-m", "T=1,4", "debug=smoke", "teacher=mlp", f"teacher.ckpt={teacher}", "augment=none", "baseline=false"]
+    one_thread = {"OMP_NUM_THREADS": "1"}  # joblib's workers get cpu_count // n_jobs threads otherwise: other sums
+    parallel = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"runs_dir={kd.dir / 'parallel'}"]
+    r = kd("distill", *common, *parallel, env=one_thread)
+    assert r.returncode == 0 and "Joblib.Parallel(n_jobs=2" in r.stdout + r.stderr, r.stdout + r.stderr
+    r = kd("distill", *common, f"runs_dir={kd.dir / 'in_turn'}", env=one_thread)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    (shared,) = (kd.dir / "parallel" / "cache" / "teacher_outputs").iterdir()  # one file, no temporary left
+    (alone,) = (kd.dir / "in_turn" / "cache" / "teacher_outputs").iterdir()
+    assert shared.name == alone.name and shared.read_bytes() == alone.read_bytes()
+    (parallel,) = (kd.dir / "parallel" / "distill-multirun").iterdir()
+    (in_turn,) = (kd.dir / "in_turn" / "distill-multirun").iterdir()
+    for job in ("0", "1"):
+        m = json.loads((parallel / job / "metrics.json").read_text())
+        assert m["status"] == "completed" and m["teacher_cache"]["used"] and m["teacher_cache"]["path"] == str(shared)
+        alone_m = json.loads((in_turn / job / "metrics.json").read_text())
+        for key in ("val_acc", "test_acc", "test_nll", "teacher_agreement"):
+            assert m["student"][key] == alone_m["student"][key], (job, key)
+        a = checkpoint.load(parallel / job / "checkpoints" / "student_best.pt")["state_dict"]
+        b = checkpoint.load(in_turn / job / "checkpoints" / "student_best.pt")["state_dict"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), job

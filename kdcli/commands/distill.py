@@ -127,7 +127,7 @@ def _train_teacher(tcfg, unfinished: str | None, ctx: Context, data=None) -> str
 def _load_teacher(path, source: str, data: DeviceData, dataset_cfg: dict, device, asked=None) -> tuple:
     """(frozen model in eval mode, checkpoint, path), after checking it fits this run's data
     (and the architecture the command line asked for, if any)."""
-    ckpt = checkpoint.load(path)
+    ckpt = checkpoint.read(path)
     if asked is not None:
         _check_teacher_arch(ckpt, Path(path), asked)
     _check_teacher_data(ckpt, Path(path), data, dataset_cfg)

@@ -91,7 +91,7 @@ def check(
 
 def run(cfg, ctx: Context) -> dict:
     path = source_checkpoint(cfg)
-    ck = checkpoint.load(path)
+    ck = checkpoint.read(path)
     model = checkpoint.build_from(ck, path).eval()
     test = checkpoint_data(ck["data"], cfg.data_root, torch.device("cpu")).test
     x = test.head(cfg.check_batches * cfg.batch_size)

@@ -87,7 +87,7 @@ def run(cfg, ctx: Context) -> dict:
 
 def _run(cfg, ctx: Context) -> dict:
     path = source_checkpoint(cfg, "quantize")
-    ck = checkpoint.load(path)
+    ck = checkpoint.read(path)
     model = checkpoint.build_from(ck, path).eval()
     data = checkpoint_data(ck["data"], cfg.data_root, torch.device("cpu"))
     test = data.test.subset(cfg.limit) if cfg.limit else data.test

@@ -5,10 +5,12 @@ not complete, or a directory is neither."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from rich.markup import escape
 
+from kdcli.files import shown
 from kdcli.report import SUMMARY_FIELDS, _get, console, error, pct, summarise_sweep, table
 
 USAGE = (
@@ -55,8 +57,21 @@ def report_run(run_dir: Path) -> bool:
 
 def report(path: Path) -> bool:
     """Report one directory; True if everything in it completed."""
-    if not path.exists():
-        error(f"{path} does not exist. {WHAT}.")
+    try:
+        return _report(path)
+    except OSError as e:  # a folder in it that may not be read (/proc/1: its cwd), a summary that cannot be written
+        error(f"kd report {shown(path)}: {shown(e.filename or path)}: {e.strerror or e}.")
+        return False
+
+
+def _report(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        error(f"{shown(path)} does not exist. {WHAT}.")
+        return False
+    except OSError as e:  # a name too long, a symbolic link loop, a folder that may not be searched
+        error(f"{shown(path)}: {e.strerror}. {WHAT}.")
         return False
     if path.is_dir() and (path / "metrics.json").is_file():
         return report_run(path)

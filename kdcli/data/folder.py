@@ -81,6 +81,11 @@ def _scan(directory: Path, class_to_idx: dict | None = None) -> tuple[list[str],
             f"imagefolder: {e}. Expected one folder per class with images "
             f"({', '.join(IMG_EXTENSIONS)}) under {directory}."
         ) from None
+    except OSError as e:  # a folder this user may not read (dataset.root=/proc/1: its cwd link)
+        raise KdError(
+            f"imagefolder: cannot read {e.filename or directory}: {e.strerror or e}. Fix: dataset.root=PATH, a "
+            "folder of class folders that you may read."
+        ) from None
     return [p for p, _ in samples], [c for _, c in samples], names
 
 
