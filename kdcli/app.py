@@ -346,6 +346,11 @@ def _composed(command: str, args: list[str], multirun: bool) -> DictConfig:
             f"'{shown(sweeps[0].input_line)}' is a sweep: add -m to run one job per value. For one value that is "
             f"a list, give {key}=[a,b]; for a string with commas, quote it: {key}='a,b'."
         )
+    for o in parsed:  # "???" marks a value that must be given: Hydra's own keys would crash on it at the start
+        if not o.is_sweep_override() and o.get_value_element_as_str() == "???":
+            raise KdError(
+                f"'{shown(o.input_line)}': ??? is OmegaConf's mark of a missing value; give {o.key_or_group} a value."
+            )
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     fixed = [o for o in fixed if not o.startswith("hydra.searchpath=")] + search_path(args, parsed)
     with initialize_config_module(config_module="kdcli.configs", version_base="1.3", job_name=command):

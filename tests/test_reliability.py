@@ -499,6 +499,8 @@ def front(tmp_path, monkeypatch, capsys):
         (["distill", "-m", "T=interval(0,1)"], "'T=interval(0,1)': Hydra's basic sweeper runs listed values"),
         (["distill", "-m", "T=1,2", "hydra.sweeper.max_batch_size=0"], "hydra.sweeper.max_batch_size=0: give the"),
         (["distill", "-m", "T=1", "hydra.sweeper.max_batch_size=abc"], "hydra.sweeper.max_batch_size=abc: Value"),
+        (["export", "-m", "+hydra.sweeper.max_batch_size=???"], "??? is OmegaConf's mark of a missing value"),
+        (["distill", "T=???"], "'T=???': ??? is OmegaConf's mark of a missing value; give T a value."),
         (["distill", "T=1,2"], "'T=1,2' is a sweep: add -m to run one job per value"),
         (["distill", "T=abc"], "T=abc: Value 'abc' of type 'str' could not be converted to Float"),
         (["distill", "-m", "T=1,abc"], "T=abc: Value 'abc' of type 'str' could not be converted to Float"),
