@@ -72,6 +72,7 @@ def open_dataset(cfg, device: torch.device, storage: str | None = None) -> Devic
     with distributed.main_first():  # one process downloads or unpacks; the others then read its files
         splits = load_splits(dcfg, cfg.data_root)
     shift, flip, affine = augmentation(cfg)
+    mix = mixing(cfg)[0]
     data = open_data(splits, device, shift, flip, storage or dcfg.get("storage", "auto"), dcfg.get("workers"), affine)
     if isinstance(data, StreamData):
         where = f"streamed ({data.workers} loader process{'' if data.workers == 1 else 'es'})"
@@ -82,7 +83,7 @@ def open_dataset(cfg, device: torch.device, storage: str | None = None) -> Devic
         f"input {data.info.input_shape}, {data.info.num_classes} classes, {where}, "
         f"augmentation: {f'shift {shift}px' if shift else 'no shift'}{', flip' if flip else ''}"
         f"{', rotation and scale (affine)' if affine else ''}"
-        f"{f', {mixing(cfg)[0]} of each batch' if mixing(cfg)[0] != 'none' else ''}"
+        f"{f', {mix} of each batch' if mix != 'none' else ''}"
     )
     return data
 

@@ -61,7 +61,7 @@ def mix_batch(
     else:
         top, bottom, left, right = cut_box(x.shape[-2], x.shape[-1], lam, rng)
         x = x.clone()
-        x[..., top:bottom, left:right] = x[at[x.device]][..., top:bottom, left:right]
+        x[..., top:bottom, left:right] = x[..., top:bottom, left:right][at[x.device]]  # only the box is copied
         lam = 1.0 - (bottom - top) * (right - left) / (x.shape[-2] * x.shape[-1])
     if lam < 0.5:  # the second image is the larger part: name the pair after it
         y, idx, partner, lam = y[at[y.device]], idx[at[idx.device]], y, 1.0 - lam
