@@ -49,6 +49,9 @@ METHODS = {
     "kd_teacher120": ["teacher_train.trainer.epochs=120"],  # a teacher trained twice as long
     "kd_teacher_wide": ["teacher.channels=[16,32]", "teacher.hidden=128"],  # a wider convnet teacher
     "kd_teacher_cutmix": ["teacher_train.mix=cutmix"],  # a teacher that has seen mixed images
+    "kd_student64": ["student.hidden=[64]"],  # a smaller MLP student: a wider gap to the teacher
+    "kd_student32": ["student.hidden=[32]"],
+    "kd_student64_t120": ["student.hidden=[64]", "teacher_train.trainer.epochs=120"],
     "soft_ce": ["loss=soft_ce"],
     "dkd": ["loss=dkd", "schedule.warmup=5"],  # Zhao et al. 2022: alpha 1, beta 8, warm-up of the term
     "dist": ["loss=dist", "T=1", "alpha=0.5"],  # Huang et al. 2022: T 1, beta = gamma = 1

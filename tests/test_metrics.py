@@ -77,10 +77,43 @@ def test_classification_with_a_reference():
     assert out["top5"] is None and out["confusion"] == [[1, 0], [1, 1]]
 
 
-def test_latency_is_the_median_of_the_timed_runs_after_warm_up(monkeypatch):
+def _clock(monkeypatch, durations):
+    """perf_counter returning start/stop pairs whose differences are `durations` (seconds)."""
+    ticks = [t for i, d in enumerate(durations) for t in (float(i), i + d)]
+    it = iter(ticks)
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: next(it))
+
+
+def test_latency_is_the_median_and_iqr_of_the_timed_runs_after_warm_up(monkeypatch):
     calls = []
-    clock = iter([0.0, 0.003, 1.0, 1.001, 2.0, 2.010])  # three timed runs: 3 ms, 1 ms, 10 ms
-    monkeypatch.setattr(latency.time, "perf_counter", lambda: next(clock))
-    ms = latency.median_ms(lambda x: calls.append(len(x)), torch.zeros(4), torch.device("cpu"), warmup=2, repeats=3)
-    assert ms == pytest.approx(3.0)
-    assert calls == [4] * 5  # 2 warm-up + 3 timed
+    _clock(monkeypatch, [0.003, 0.001, 0.010, 0.002, 0.004])  # five timed runs, in ms: 3, 1, 10, 2, 4
+    t = latency.time_ms(lambda x: calls.append(len(x)), torch.zeros(4), torch.device("cpu"), warmup=2, repeats=5)
+    assert calls == [4] * 7  # 2 warm-up + 5 timed
+    # sorted 1, 2, 3, 4, 10: median 3; quartiles by linear interpolation (numpy's and torch's default) 2 and 4
+    assert t.median_ms == pytest.approx(3.0) and t.iqr_ms == pytest.approx(2.0) and t.runs == 5
+    assert t.spread == pytest.approx(2 / 3) and t.noisy
+
+
+def test_latency_within_a_tenth_of_the_median_is_not_noise(monkeypatch):
+    # torch.utils.benchmark's rule: an interquartile range over 10 % of the median is fluctuation
+    _clock(monkeypatch, [0.0100, 0.0102, 0.0104, 0.0101, 0.0103])
+    t = latency.time_ms(lambda x: x, torch.zeros(1), torch.device("cpu"), warmup=0, repeats=5)
+    assert t.iqr_ms == pytest.approx(0.2) and not t.noisy
+    # one slow run among five moves neither the median nor the quartiles much: not noise
+    _clock(monkeypatch, [0.0100, 0.0130, 0.0104, 0.0101, 0.0103])
+    t = latency.time_ms(lambda x: x, torch.zeros(1), torch.device("cpu"), warmup=0, repeats=5)
+    assert t.median_ms == pytest.approx(10.3) and t.iqr_ms == pytest.approx(0.3) and not t.noisy
+    # two runs in five 20 % slower: quartiles 10 and 12, a spread of 20 %
+    _clock(monkeypatch, [0.010, 0.012, 0.010, 0.012, 0.010])
+    t = latency.time_ms(lambda x: x, torch.zeros(1), torch.device("cpu"), warmup=0, repeats=5)
+    assert t.spread == pytest.approx(0.2) and t.noisy
+
+
+def test_noisy_latency_is_named_with_its_spread_and_the_fix():
+    calm = {"latency_ms_bs1": 1.0, "latency_iqr_ms_bs1": 0.05, "latency_ms_batch": 10.0, "latency_iqr_ms_batch": 0.2}
+    busy = {"latency_ms_bs1": 1.0, "latency_iqr_ms_bs1": 0.84, "latency_ms_batch": 10.0, "latency_iqr_ms_batch": 1.0}
+    assert latency.spread(calm) == pytest.approx(0.05) and latency.spread(busy) == pytest.approx(0.84)
+    assert latency.spread({"params": 3}) is None
+    assert latency.noisy_warning({"a": {**calm, "latency_noisy": False}}) is None
+    text = latency.noisy_warning({"a": {**calm, "latency_noisy": False}, "b": {**busy, "latency_noisy": True}})
+    assert "latency of b is noise" in text and "84 %" in text and "latency.threads=1" in text and " a," not in text

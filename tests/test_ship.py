@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdcli import checkpoint, formats
+from kdcli import checkpoint, formats, latency
 from kdcli.models import build_model
 
 pytestmark = pytest.mark.slow
@@ -68,6 +68,10 @@ def test_distill_prune_export_quantize_evaluate(kd):
         assert abs(row["acc_change"]) <= 0.02 and row["agreement_with_float"] >= 0.97
         assert row["size_ratio"] < 0.3  # int8 weights: about a quarter of float32
         assert formats.open_model(row["path"]).card["quantization"]["mode"] == mode
+    for row in q.values():  # a speed-up only from timings whose spread is not noise
+        noisy = row["latency_noisy"] or q["float, pytorch"]["latency_noisy"]
+        assert (row["speedup_bs1"] is None) == noisy and (row["speedup_batch"] is None) == noisy
+        assert row["latency_noisy"] == (latency.spread(row) > latency.NOISY)
 
     # evaluate: one table for teacher, scratch, distilled, pruned, exported and int8 students
     teacher = m["teacher"]["checkpoint"]
@@ -117,6 +121,8 @@ def test_distill_prune_export_quantize_evaluate(kd):
     assert rows["student (int8 dynamic, onnx)"]["flops"] == rows["student"]["flops"]  # the same architecture
     for row in rows.values():
         assert row["latency_ms_bs1"] > 0 and row["throughput_per_s"] > 0 and row["size_mb"] > 0
+        assert row["latency_iqr_ms_bs1"] >= 0 and row["latency_iqr_ms_batch"] >= 0 and row["latency_runs"] == 2
+        assert row["latency_noisy"] == (latency.spread(row) > latency.NOISY)
         assert len(row["per_class_acc"]) == 10 and sum(map(sum, row["confusion"])) == ev["images"]
     # top-5 and per-class accuracy recomputed from the checkpoint, independently of evaluate
     ck = checkpoint.load(d_dir / "checkpoints" / "student_best.pt")

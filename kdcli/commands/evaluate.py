@@ -171,7 +171,12 @@ def _run(cfg, ctx: Context) -> dict:
         "images": len(y),
         "reference": str(ref_path) if ref_path else None,
         "threads": torch.get_num_threads(),
-        "latency": {"warmup": cfg.latency.warmup, "repeats": cfg.latency.repeats, "statistic": "median"},
+        "latency": {
+            "warmup": cfg.latency.warmup,
+            "repeats": cfg.latency.repeats,
+            "statistic": "median; latency_iqr_ms_*: the interquartile range",
+            "noisy_above": latency.NOISY,
+        },
         "class_names": list(data_info["class_names"]),
         "models": results,
     }
@@ -244,7 +249,7 @@ def _print(results: list[dict], data_info: dict, cfg, images: int, ref_path: Pat
     batch = results[0].get("latency_batch", cfg.latency.batch_size)
     columns = ["model", "params", "sparsity %", "size MB", "MFLOPs/img", "device"]
     if timed:
-        columns += ["ms at bs 1", f"ms at bs {batch}", "img/s"]
+        columns += ["ms at bs 1", f"ms at bs {batch}", "img/s", "spread"]
     rows = []
     for r in results:
         row = [
@@ -260,15 +265,20 @@ def _print(results: list[dict], data_info: dict, cfg, images: int, ref_path: Pat
                 _num(r["latency_ms_bs1"], ".3f"),
                 _num(r["latency_ms_batch"], ".2f"),
                 _num(r["throughput_per_s"], ",.0f"),
+                _num(latency.spread(r), ".0%"),
             ]
         rows.append(row)
     console.print(table("Cost", columns, rows))
     if timed:
         console.print(
             f"Latency: median of {cfg.latency.repeats} timed runs after {cfg.latency.warmup} warm-up runs; "
+            "spread: their interquartile range as a share of the median (the larger of the two batch sizes); "
             f"{torch.get_num_threads()} CPU thread(s) for PyTorch and ONNX Runtime (latency.threads); img/s at batch "
             f"{batch}. Size: the file on disk. FLOPs: forward pass, multiply-add = 2."
         )
+        noisy = latency.noisy_warning({r["name"]: r for r in results})
+        if noisy:
+            log.warning(f"warning  {noisy}")
     classes = list(data_info["class_names"])
     if len(classes) <= 20:
         console.print(
@@ -286,8 +296,9 @@ def _figures(results: list[dict], classes: list[str], out_dir: Path) -> list[str
     plots.confusion_matrices(written[0], names, [r["confusion"] for r in results], classes)
     plots.reliability_diagram(written[1], names, [r["reliability"] for r in results], [r["ece"] for r in results])
     costs = {"size on disk (MB)": [r["size_mb"] for r in results]}
-    if "latency_ms_bs1" in results[0]:
-        costs = {"latency at batch 1 (ms)": [r["latency_ms_bs1"] for r in results], **costs}
+    if "latency_ms_bs1" in results[0]:  # timings that are noise are left out
+        timed = [None if r["latency_noisy"] else r["latency_ms_bs1"] for r in results]
+        costs = {"latency at batch 1 (ms)": timed, **costs}
     plots.tradeoff(written[2], names, [r["acc"] for r in results], costs)
     return [str(p) for p in written]
 

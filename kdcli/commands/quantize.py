@@ -145,13 +145,18 @@ def _run(cfg, ctx: Context) -> dict:
     for r in rows.values():
         r["acc_change"] = r["acc"] - base["acc"]
         r["size_ratio"] = r["size_mb"] / base["size_mb"]
-        if "latency_ms_bs1" in r:
-            r["speedup_bs1"] = base["latency_ms_bs1"] / r["latency_ms_bs1"]
-            r["speedup_batch"] = base["latency_ms_batch"] / r["latency_ms_batch"]
+        if "latency_ms_bs1" in r:  # a speed-up from timings that are noise is not given
+            trusted = not (r["latency_noisy"] or base["latency_noisy"])
+            r["speedup_bs1"] = base["latency_ms_bs1"] / r["latency_ms_bs1"] if trusted else None
+            r["speedup_batch"] = base["latency_ms_batch"] / r["latency_ms_batch"] if trusted else None
     _print(rows, path, len(y), cfg, out_dir)
     summary = {"checkpoint": str(path), "images": len(y), "threads": torch.get_num_threads(), "models": rows}
     write_json(out_dir / f"{stem}.quantization.json", summary)
     return summary
+
+
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 def _print(rows: dict, path: Path, images: int, cfg, out_dir: Path) -> None:
@@ -173,9 +178,9 @@ def _print(rows: dict, path: Path, images: int, cfg, out_dir: Path) -> None:
         if timed:
             row += [
                 f"{r['latency_ms_bs1']:.3f}",
-                f"{r['speedup_bs1']:.2f}x",
+                _times(r["speedup_bs1"]),
                 f"{r['latency_ms_batch']:.2f}",
-                f"{r['speedup_batch']:.2f}x",
+                _times(r["speedup_batch"]),
             ]
         out.append(row)
     console.print(
@@ -186,6 +191,9 @@ def _print(rows: dict, path: Path, images: int, cfg, out_dir: Path) -> None:
             f"Latency: median of {cfg.latency.repeats} runs after {cfg.latency.warmup} warm-up runs, "
             f"{torch.get_num_threads()} CPU thread(s); changes are against the PyTorch float model."
         )
+        noisy = latency.noisy_warning(rows)
+        if noisy:
+            log.warning(f"warning  {noisy}")
     console.print(
         f"Files: {', '.join(Path(r['path']).name for r in list(rows.values())[1:])} in {out_dir}", soft_wrap=True
     )
