@@ -40,7 +40,9 @@ METHODS = {
     # Beyer et al. 2022 (function matching): the teacher's softmax at T 1 on the mixed images only, no labels, long
     "funmatch": ["mix=mixup", "alpha=0", "T=1", "trainer.epochs=120"],
     "kd_T1": ["T=1"],
+    "kd_T2": ["T=2"],
     "kd_T8": ["T=8"],
+    "kd_alpha0": ["alpha=0"],  # the teacher alone: under cutmix the labels' area-weighted target is the poor one
     "kd_alpha0.5": ["alpha=0.5"],
     "kd_patient": ["trainer.epochs=120"],  # Beyer et al. 2022: consistent teaching, long schedules
     "kd_unscaled_lr": ["distill_lr_scale=1"],  # the student at the labels' learning rate (before distill_lr_scale)
