@@ -19,9 +19,10 @@ from conftest import run_kd, start_kd
 from test_faults import RunsCode, assert_one_error
 from test_formats import DATA
 
-from kdcli import checkpoint, formats
-from kdcli.errors import KdError
-from kdcli.files import safe_name
+from kdcli.core.errors import KdError
+from kdcli.core.files import safe_name
+from kdcli.deploy import formats
+from kdcli.training import checkpoint
 
 PROGRAM_SUFFIXES = {fmt: formats.SUFFIXES[fmt] for fmt in formats.PROGRAMS}
 

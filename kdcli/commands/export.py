@@ -12,14 +12,15 @@ from pathlib import Path
 
 import torch
 
-from kdcli import checkpoint, formats
-from kdcli.app import Context, plain
-from kdcli.commands.common import checkpoint_data, latest_run
-from kdcli.engine import predict
-from kdcli.errors import KdError
-from kdcli.files import safe_name, write_json
-from kdcli.metrics import agreement
+from kdcli.core.errors import KdError
+from kdcli.core.files import safe_name, write_json
+from kdcli.core.metrics import agreement
+from kdcli.core.run import Context, plain
+from kdcli.deploy import formats
 from kdcli.report import console, pct, table
+from kdcli.training import checkpoint
+from kdcli.training.build import checkpoint_data, latest_run
+from kdcli.training.engine import predict
 
 log = logging.getLogger("kdcli")
 

@@ -18,15 +18,16 @@ from pathlib import Path
 
 import torch
 
-from kdcli import checkpoint, formats, latency
-from kdcli.app import Context
-from kdcli.commands.common import checkpoint_data
 from kdcli.commands.evaluate import costs_of
 from kdcli.commands.export import export_file, source_checkpoint, stem_of
-from kdcli.errors import KdError
-from kdcli.files import atomic_write, write_json
-from kdcli.metrics import agreement, reliability, scores
+from kdcli.core.errors import KdError
+from kdcli.core.files import atomic_write, write_json
+from kdcli.core.metrics import agreement, reliability, scores
+from kdcli.core.run import Context
+from kdcli.deploy import formats, latency
 from kdcli.report import console, pct, table
+from kdcli.training import checkpoint
+from kdcli.training.build import checkpoint_data
 
 log = logging.getLogger("kdcli")
 

@@ -9,15 +9,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kdcli import distributed
 from kdcli.config import augmenting, model_spec
+from kdcli.core import distributed
+from kdcli.core.errors import KdError
 from kdcli.data import DeviceData, load_splits
 from kdcli.data.mix import mixing
 from kdcli.data.splits import SPLIT_VERSION
 from kdcli.data.stream import StreamData, open_data
-from kdcli.errors import KdError
 from kdcli.models import build_model
-from kdcli.resume import read_metrics
+from kdcli.training.resume import read_metrics
 
 log = logging.getLogger("kdcli")
 
@@ -117,7 +117,7 @@ def find_teacher_run(runs_dir: str | Path, recipe: DictConfig) -> Path | None:
     `recipe` (a train-teacher config: model, data, augmentation, optimizer, schedule, epochs, seed;
     only the keys that cannot change the teacher, such as the device, may differ), or None. A
     teacher of the same model and data trained another way is named in the log, not used."""
-    from kdcli.resume import config_diff
+    from kdcli.training.resume import config_diff
 
     wanted = OmegaConf.to_container(recipe, resolve=True)
     other = None

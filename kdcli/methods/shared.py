@@ -1,16 +1,5 @@
-"""How kd distill trains (method=...): every method returns the results dict of the run, one
-entry per model trained or used, with a table label, and `kd_gain` of the final student over
-the scratch student when the baseline runs.
-
-- standard: the teacher(s), frozen, teach the student (the default).
-- ta: teacher -> assistant(s) -> student, each distilled from the previous (Mirzadeh et al. 2020).
-- born_again: the student's architecture trained on labels, then N generations each distilled
-  from the previous, and the ensemble of the generations (Furlanello et al. 2018).
-- dml: deep mutual learning, peers trained together, each distilling from the others
-  (Zhang et al. 2018).
-- joint: teacher and student trained together from scratch, the student distilling from the
-  teacher as it learns.
-"""
+"""What the methods share: `Run` (data, seed, the student's initial weights, the results, how one
+model is distilled and recorded), the learning-rate scale of distilled models, the refusals."""
 
 from __future__ import annotations
 
@@ -20,27 +9,18 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from kdcli import teacher_cache
-from kdcli.app import Context
-from kdcli.commands.common import ckpt_meta, dataset_config, new_model
-from kdcli.commands.distill import (
-    build_objective,
-    freeze_teacher,
-    frozen_teachers,
-    labels_only,
-    obtain_teachers,
-    teacher_logits,
-)
+from kdcli.core.errors import KdError
+from kdcli.core.metrics import agreement, paired_gain, scores
+from kdcli.core.run import Context
 from kdcli.data import DeviceData
-from kdcli.engine import Teacher, Trainee, epoch_steps, fit, predict
-from kdcli.errors import KdError
 from kdcli.losses.taps import Taps
-from kdcli.metrics import agreement, paired_gain, scores
-from kdcli.models import count_flops, count_params
-from kdcli.prune import Pruner, plan
-from kdcli.transfer import check_module_names, copy_matching, summarise
+from kdcli.methods.objective import labels_only
+from kdcli.models import count_flops
+from kdcli.teachers.load import freeze_teacher, teacher_logits
+from kdcli.training.build import ckpt_meta, dataset_config, new_model
+from kdcli.training.engine import Teacher, Trainee, fit, predict
+from kdcli.training.prune import Pruner
 
 log = logging.getLogger("kdcli")
 
@@ -254,196 +234,3 @@ def _refuse(cfg, method: str, *, features=False, teacher=False, transfer=False, 
             f"prune.kind={cfg.prune.kind} prunes the distilled student of method=standard; method={method} does "
             "not prune. Use method=standard, or drop prune.kind (none)."
         )
-
-
-def standard(run: Run, loaded: list[tuple] | None = None) -> dict:
-    """`loaded`: the teachers as (model, checkpoint, path) when the caller has them already
-    (kdcli.api: modules, checkpoints); by default they come from the config."""
-    cfg, data = run.cfg, run.data
-    if cfg.features and cfg.teachers and len(cfg.teachers) > 1:
-        raise KdError("Feature terms take one teacher; with teachers=[...] use logit losses only.")
-    # A schedule that does not fit the run fails before a teacher or the baseline trains.
-    pruning = None
-    if cfg.prune.kind != "none":
-        total = cfg.trainer.epochs * epoch_steps(data, cfg.trainer)
-        pruning = plan(cfg.prune, total, run.student, data.info.input_shape)
-    loaded = obtain_teachers(cfg, data, run.ctx) if loaded is None else loaded
-    teachers = frozen_teachers(loaded, data)
-    objective = build_objective(cfg, data, run.student, teachers[0], teachers)
-    t_logits = teacher_logits(teachers, objective, data.test, cfg.trainer.eval_batch_size)
-    run.results["teacher_cache"] = teacher_cache.attach(cfg, data, teachers, [p for _, _, p in loaded], objective)
-    extra = {}
-    if len(loaded) == 1:
-        model, ckpt, path = loaded[0]
-        extra = {"arch": ckpt["arch"], "checkpoint": path, "params": count_params(model)}
-        extra["flops"] = count_flops(model, data.info.input_shape)
-        label, name = "teacher", ckpt["arch"]["name"]
-    else:
-        extra = {
-            "teachers": [
-                {"checkpoint": p, "arch": c["arch"], "classes": c["data"]["class_names"]} for _, c, p in loaded
-            ]
-        }
-        extra["params"] = sum(count_params(m) for m, _, _ in loaded)
-        label, name = (
-            f"{len(loaded)} teachers, merged ({objective.merge})",
-            "+".join(c["arch"]["name"] for _, c, _ in loaded),
-        )
-    run.record_teacher(label, name, t_logits, extra)
-    # Transfer first: a bad transfer setting fails before the baseline trains.
-    student = run.student
-    student.load_state_dict(run.init_state)
-    tr = cfg.transfer
-    if tr.init_from_teacher:
-        if len(loaded) > 1 or not torch.equal(
-            teachers[0].class_map, torch.arange(data.info.num_classes).to(data.device)
-        ):
-            raise KdError(
-                "transfer.init_from_teacher needs one teacher with the student's classes in the same order, "
-                "not teachers=[...] or a class subset."
-            )
-        copied, kept = copy_matching(student, loaded[0][0])
-        if not copied:
-            raise KdError(
-                f"transfer.init_from_teacher: no tensor of the teacher ({loaded[0][1]['arch']['name']}) matches the "
-                f"student ({run.spec['name']}) in name and shape; nothing to copy."
-            )
-        log.info(f"transfer copied {len(copied)} tensors from the teacher: {summarise(copied)}")
-        if kept:
-            log.info(f"transfer kept the student's own {len(kept)}: {summarise(kept)}")
-        run.results["transfer"] = {"copied": copied, "kept": kept}
-    if tr.freeze:
-        check_module_names(student, list(tr.freeze), "transfer.freeze")
-        span = f"for {tr.freeze_epochs} epoch(s)" if tr.freeze_epochs is not None else "for the whole run"
-        log.info(f"transfer freezing {', '.join(tr.freeze)} {span}")
-    run.scratch()
-    run.check_teacher(teachers, objective)
-    run.distill(
-        "student",
-        f"student, distilled ({_label(cfg)})",
-        student,
-        run.spec,
-        teachers,
-        objective,
-        freeze=list(tr.freeze),
-        freeze_epochs=tr.freeze_epochs,
-        pruning=pruning,
-    )
-    return run.finish()
-
-
-def ta(run: Run) -> dict:
-    """Teacher -> assistants -> student; each link uses the logit loss of the config."""
-    cfg, data = run.cfg, run.data
-    _refuse(cfg, "ta", features=True, transfer=True, prune=True)
-    loaded = obtain_teachers(cfg, data, run.ctx)
-    teachers = frozen_teachers(loaded, data)
-    objective = build_objective(cfg, data, run.student, None, teachers)
-    t_logits = teacher_logits(teachers, objective, data.test, cfg.trainer.eval_batch_size)
-    run.record_teacher(
-        "teacher",
-        "+".join(c["arch"]["name"] for _, c, _ in loaded),
-        t_logits,
-        {"params": sum(count_params(m) for m, _, _ in loaded)},
-    )
-    run.scratch()
-    for i, name in enumerate(cfg.method.assistants, 1):
-        model, spec = new_model(OmegaConf.create({"name": name}), data, run.ctx.device, int(cfg.seed) + i)
-        objective = build_objective(cfg, data, model, None, teachers)
-        res = run.distill(f"assistant{i}", f"assistant {i}, distilled", model, spec, teachers, objective)
-        teachers = [_frozen(res.model, data)]
-    student = run.student
-    student.load_state_dict(run.init_state)
-    objective = build_objective(cfg, data, student, None, teachers)
-    run.distill("student", f"student, from the last assistant ({_label(cfg)})", student, run.spec, teachers, objective)
-    return run.finish()
-
-
-def born_again(run: Run) -> dict:
-    """Generation 0 is the student architecture trained on labels (the scratch run); generation
-    k is a fresh copy distilled from generation k - 1."""
-    cfg, data = run.cfg, run.data
-    _refuse(cfg, "born_again", teacher=True, transfer=True, prune=True)
-    model, spec = run.fresh_student()
-    res = run.fit(run.trainee("scratch", model, labels_only(cfg, data.device), spec))
-    run.record("scratch", "generation 0 (labels only) = scratch", res, spec)
-    run.reference = predict(res.model, data.test, cfg.trainer.eval_batch_size)
-    previous, generations = res.model, []
-    n = int(cfg.method.generations)
-    for k in range(1, n + 1):
-        teachers = [_frozen(previous, data)]
-        model, spec = run.fresh_student(seed_offset=k)
-        objective = build_objective(cfg, data, model, teachers[0], teachers)
-        role = "student" if k == n else f"gen{k}"
-        res = run.distill(
-            role, f"generation {k}, from generation {k - 1} ({_label(cfg)})", model, spec, teachers, objective
-        )
-        previous = res.model
-        generations.append(res.model)
-    run.record_ensemble(f"ensemble of generations 1-{n}", generations)
-    return run.finish()
-
-
-def dml(run: Run) -> dict:
-    """Peers (copies of the student architecture, each its own initial weights) trained
-    together; each one's objective averages its distillation term over the other peers."""
-    cfg, data = run.cfg, run.data
-    _refuse(cfg, "dml", features=True, teacher=True, transfer=True, prune=True)
-    run.scratch()
-    n = int(cfg.method.peers)
-    roles = ["student"] + [f"peer{k}" for k in range(2, n + 1)]
-    trainees = []
-    for k, role in enumerate(roles):
-        model, spec = run.fresh_student(seed_offset=k)
-        objective = build_objective(cfg, data, model)
-        trainees.append(run.trainee(role, model, objective, spec, sources=[r for r in roles if r != role]))
-    res = run.fit(trainees)
-    for k, role in enumerate(roles):
-        run.record(
-            role, f"peer {k + 1} of {n}, mutual learning ({_label(cfg)})", res[role], trainees[k].ckpt_meta["arch"]
-        )
-    run.record_ensemble(f"ensemble of the {n} peers", [res[r].model for r in roles])
-    return run.finish()
-
-
-def joint(run: Run) -> dict:
-    """The teacher, from fresh weights, trains on labels while the student distills from its
-    current (detached) outputs and features at every step."""
-    cfg, data = run.cfg, run.data
-    _refuse(cfg, "joint", teacher=True, transfer=True, prune=True)
-    if any(node.get("hint_epochs") for node in (cfg.features or {}).values()):
-        raise KdError("features.fitnet.hint_epochs needs a trained teacher; method=joint trains it alongside.")
-    teacher, t_spec = new_model(cfg.teacher, data, run.ctx.device, int(cfg.seed) + 1)
-    run.scratch()
-    student = run.student
-    student.load_state_dict(run.init_state)
-    objective = build_objective(cfg, data, student, teacher)
-    source_taps = (
-        Taps(teacher, objective.teacher_layers, "teacher", data.info.input_shape) if objective.features else None
-    )
-    t_trainee = Trainee("teacher", teacher, labels_only(cfg, data.device), run.meta(t_spec), source_taps=source_taps)
-    s_trainee = run.trainee("student", student, objective, run.spec, sources=["teacher"])
-    try:
-        res = run.fit([t_trainee, s_trainee])
-    finally:
-        for taps in (source_taps, s_trainee.taps):
-            if taps:
-                taps.remove()
-    run.record_teacher(
-        "teacher, trained jointly",
-        t_spec["name"],
-        predict(res["teacher"].model, data.test, cfg.trainer.eval_batch_size),
-        {**res["teacher"].metrics, "arch": t_spec, "flops": count_flops(res["teacher"].model, data.info.input_shape)},
-    )
-    run.record("student", f"student, distilled jointly ({_label(cfg)})", res["student"], run.spec)
-    if "scratch" in run.results:  # trained before the teacher existed: measure agreement now
-        logits = predict(run.models["scratch"], data.test, cfg.trainer.eval_batch_size)
-        run.results["scratch"]["teacher_agreement"] = agreement(logits, run.reference)
-    return run.finish()
-
-
-METHODS = {"standard": standard, "ta": ta, "born_again": born_again, "dml": dml, "joint": joint}
-
-
-def run(cfg, data: DeviceData, ctx: Context) -> dict:
-    return METHODS[cfg.method.name](Run(cfg, data, ctx))

@@ -21,7 +21,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from kdcli.errors import KdError
+from kdcli.core.errors import KdError
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
