@@ -83,7 +83,7 @@ def test_labels_name_pruning_and_quantization():
 
 
 def test_an_export_that_differs_from_pytorch_fails_its_check(tmp_path):
-    from kdcli.commands.export import check
+    from kdcli.deploy.export import check
 
     model, ck = _checkpoint("mlp")
     path = tmp_path / "m.onnx"

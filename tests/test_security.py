@@ -130,7 +130,7 @@ def test_data_formats_open_without_unpickling_anything(genuine, monkeypatch, fmt
 
 
 def test_export_reads_back_only_the_file_it_wrote(genuine, tmp_path):
-    from kdcli.commands.export import check, export_file
+    from kdcli.deploy.export import check, export_file
 
     ck = checkpoint.load(genuine["checkpoint"])
     model = checkpoint.build_from(ck).eval()

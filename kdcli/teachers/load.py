@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from kdcli.config import model_spec
 from kdcli.core import distributed
@@ -18,11 +18,13 @@ from kdcli.core.errors import KdError
 from kdcli.core.files import write_json, write_text
 from kdcli.core.run import Context
 from kdcli.data import DeviceData
+from kdcli.data.splits import SPLIT_VERSION
 from kdcli.losses import Objective
 from kdcli.teachers import recipe
 from kdcli.training import checkpoint
-from kdcli.training.build import augmentation, dataset_config, find_teacher_run, open_dataset
+from kdcli.training.build import augmentation, completed_runs, data_identity, dataset_config, open_dataset
 from kdcli.training.engine import Teacher, batches
+from kdcli.training.resume import config_diff
 
 log = logging.getLogger("kdcli")
 
@@ -184,3 +186,34 @@ def teacher_logits(teachers: list[Teacher], objective: Objective, source, batch_
     return torch.cat(
         [objective.teacher_logits([t(x) for t in teachers], 1.0).float() for x in batches(source, batch_size)]
     )
+
+
+def find_teacher_run(runs_dir: str | Path, recipe: DictConfig) -> Path | None:
+    """The kept checkpoint of the latest completed train-teacher run whose configuration is
+    `recipe` (a train-teacher config: model, data, augmentation, optimizer, schedule, epochs, seed;
+    only the keys that cannot change the teacher, such as the device, may differ), or None. A
+    teacher of the same model and data trained another way is named in the log, not used."""
+    wanted = OmegaConf.to_container(recipe, resolve=True)
+    other = None
+    for run, m in reversed(completed_runs(runs_dir, "train_teacher/*", "train_teacher-multirun/*/*")):
+        ckpt = Path((m.get("teacher") or {}).get("checkpoint", ""))
+        config = run / "config.yaml"
+        if m.get("split_version") != SPLIT_VERSION or not ckpt.is_file() or not config.is_file():
+            continue
+        try:
+            previous = OmegaConf.load(config)
+            recorded = {**OmegaConf.to_container(previous, resolve=False), "dataset": dataset_config(previous)}
+            diff = config_diff(wanted, recorded)  # (dataset_config: a folder's root made absolute, as in wanted)
+        except Exception:  # an unreadable record is no match
+            continue
+        if not diff:
+            return ckpt
+        same_model = (m.get("teacher") or {}).get("arch") == model_spec(recipe.teacher)
+        if other is None and same_model and data_identity(m.get("dataset") or {}) == data_identity(wanted["dataset"]):
+            other = (ckpt, diff)
+    if other is not None:
+        log.info(
+            f"teacher  {other[0]} has this model and data but another recipe ({'; '.join(other[1][:3])}): not "
+            "reused. Pass teacher.ckpt=PATH to distill from it anyway."
+        )
+    return None
