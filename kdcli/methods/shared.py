@@ -205,12 +205,12 @@ def distill_lr_scale(cfg, objective) -> float:
 TEACHER_MARGIN = 0.01
 
 
-def _frozen(model, data: DeviceData) -> Teacher:
+def as_teacher(model, data: DeviceData) -> Teacher:
     """A model trained in this run as a frozen teacher: same inputs and classes as the student."""
     return Teacher(freeze_teacher(model), torch.arange(data.info.num_classes).to(data.device))
 
 
-def _label(cfg) -> str:
+def settings_label(cfg) -> str:
     parts = [f"T={cfg.T:g}", f"alpha={cfg.alpha:g}"]
     if cfg.loss.name != "kd":
         parts.insert(0, cfg.loss.name)
@@ -219,7 +219,7 @@ def _label(cfg) -> str:
     return ", ".join(parts)
 
 
-def _refuse(cfg, method: str, *, features=False, teacher=False, transfer=False, prune=False) -> None:
+def refuse(cfg, method: str, *, features=False, teacher=False, transfer=False, prune=False) -> None:
     if features and cfg.features:
         raise KdError(
             f"method={method} does not take feature terms (features={list(cfg.features)}): they name layers of one "

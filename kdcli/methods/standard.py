@@ -8,7 +8,7 @@ import torch
 
 from kdcli.core.errors import KdError
 from kdcli.methods.objective import build_objective
-from kdcli.methods.shared import Run, _label
+from kdcli.methods.shared import Run, settings_label
 from kdcli.models import count_flops, count_params
 from kdcli.teachers import cache
 from kdcli.teachers.load import frozen_teachers, obtain_teachers, teacher_logits
@@ -83,7 +83,7 @@ def standard(run: Run, loaded: list[tuple] | None = None) -> dict:
     run.check_teacher(teachers, objective)
     run.distill(
         "student",
-        f"student, distilled ({_label(cfg)})",
+        f"student, distilled ({settings_label(cfg)})",
         student,
         run.spec,
         teachers,
