@@ -36,13 +36,13 @@ from typing import Any, Iterable, Iterator, Union
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from kdcli import checkpoint
 from kdcli.app import Context, finisher, run_record, seed_everything
-from kdcli.compose import as_overrides as _as_overrides
-from kdcli.compose import fmt as _fmt
 from kdcli.config import resolve_device
-from kdcli.errors import KdError
-from kdcli.files import write_json, write_text
+from kdcli.core.errors import KdError
+from kdcli.core.files import write_json, write_text
+from kdcli.overrides import as_overrides as _as_overrides
+from kdcli.overrides import fmt as _fmt
+from kdcli.training import checkpoint
 
 __all__ = ["Result", "load_data", "build_model", "train_teacher", "distill", "KdError"]
 
@@ -138,7 +138,7 @@ def load_data(
     load_data("mnist5k", classes=[0, 1, 2]). data_root: where downloaded datasets live (default
     $KDCLI_DATA or ~/.cache/kdcli/data). augment: standard (the dataset's shifts/flips on the
     training split) or none. Splits are data.train, data.val, data.test (x, y on data.device)."""
-    from kdcli.commands.common import open_dataset
+    from kdcli.training.build import open_dataset
 
     chosen = [f"dataset={_fmt(dataset)}"]
     chosen += [o for k, v in dataset_keys.items() for o in _as_overrides(f"dataset.{k}", v)]
@@ -166,8 +166,8 @@ def build_model(name: str, data, **kwargs: Any) -> nn.Module:
     """A registry model (`kd list models`) for the data's input shape and classes, on its
     device, initialised from torch's global random state. Its checkpoints are rebuildable by
     `kd evaluate` / `kd export` like those of a model named in a config."""
+    from kdcli.core.registry import MODELS, load_builtins
     from kdcli.models import build_model as build
-    from kdcli.registry import MODELS, load_builtins
 
     load_builtins()
     defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in MODELS.params(name).items()}
@@ -214,7 +214,7 @@ def _run_dir(cfg, command: str, run_dir) -> Path:
 def _session(command: str, cfg, overrides: list[str], run_dir, data) -> Iterator[Context]:
     """What `kd` does around a command: a run directory with config.yaml and a metrics.json
     whose status says how the run ended; seeding. The caller adds its results to ctx.metrics."""
-    from kdcli.commands.common import storage_of
+    from kdcli.training.build import storage_of
 
     run_dir = _run_dir(cfg, command, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -264,8 +264,8 @@ def train_teacher(
     The checkpoint works with `kd distill teacher.ckpt=...` and `kd evaluate` when the model is
     a registry one; that of your own module records arch "<custom:ClassName>", which `kd` can
     rebuild only once the class is registered (imports=[...], see README)."""
-    from kdcli.commands import train_teacher as command
-    from kdcli.commands.common import new_model
+    from kdcli.teachers import recipe as command
+    from kdcli.training.build import new_model
 
     mine = [] if isinstance(model, nn.Module) else _model_overrides("teacher", model)
     fixed = {} if not isinstance(model, nn.Module) else {"teacher": "the teacher is the module given."}
@@ -287,7 +287,7 @@ def train_teacher(
 
 
 def _is_path(t) -> bool:
-    from kdcli.registry import MODELS, load_builtins
+    from kdcli.core.registry import MODELS, load_builtins
 
     if isinstance(t, Path):
         return True
@@ -348,8 +348,8 @@ def _loaded_teachers(teachers: list, cfg, data) -> list[tuple] | None:
     """(model, checkpoint dict, path) of each teacher given as a module, Result or checkpoint,
     checked against the data as `kd distill` checks teacher.ckpt; None for a registry name, which
     the distill method obtains from the config as `kd distill` does."""
-    from kdcli.commands.common import ckpt_meta, dataset_config
-    from kdcli.commands.distill import _check_teacher_data, _load_teacher, freeze_teacher
+    from kdcli.teachers.load import _check_teacher_data, _load_teacher, freeze_teacher
+    from kdcli.training.build import ckpt_meta, dataset_config
 
     if _kind(teachers[0]) == "name":
         return None
@@ -371,7 +371,7 @@ def _loaded_teachers(teachers: list, cfg, data) -> list[tuple] | None:
 def _module_run(student: nn.Module, cfg, data, ctx):
     """methods.Run with the caller's module as the student, in place of one built from
     cfg.student; the scratch baseline starts from a copy of its initial weights."""
-    from kdcli.commands.methods import Run
+    from kdcli.methods.shared import Run
 
     class ModuleRun(Run):
         def fresh_student(self, seed_offset: int = 0):
@@ -420,7 +420,7 @@ def distill(
     The student's checkpoint of a registry model works with `kd evaluate` and `kd export`; that of
     your own module records arch "<custom:ClassName>", which `kd` rebuilds only once the class is
     registered."""
-    from kdcli.commands import methods
+    from kdcli import methods
     from kdcli.commands.distill import settings
 
     teachers = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]

@@ -12,11 +12,9 @@ import itertools
 import logging
 import os
 import random
-import re
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -28,33 +26,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kdcli import distributed, interrupt, resume, search
-from kdcli.config import resolve_device, validate
-from kdcli.errors import KdError
-from kdcli.files import check_makeable, shown, write_json, write_text
-from kdcli.registry import import_user_modules
+from kdcli.config import resolve_device, search, validate
+from kdcli.core import distributed, interrupt
+from kdcli.core.errors import KdError
+from kdcli.core.files import check_makeable, shown, write_json, write_text
+from kdcli.core.registry import import_user_modules
+from kdcli.core.run import Context, plain  # noqa: F401  (Context: the run each command gets)
 from kdcli.report import console, error
+from kdcli.training import resume
 
 log = logging.getLogger("kdcli")
-
-
-@dataclass
-class Context:
-    run_dir: Path
-    device: torch.device
-    multirun: bool
-    resume: bool = False  # continuing an unfinished run: training loops pick up their saved states
-    previous: dict = field(default_factory=dict)  # that run's metrics.json (what it recorded)
-    metrics: dict = field(default_factory=dict)  # this run's metrics.json while it runs
-
-    @property
-    def show_progress(self) -> bool:
-        return not self.multirun
-
-    def note(self, key: str, value) -> None:
-        """Record a fact in metrics.json at once (a resumed run reads it back from `previous`)."""
-        self.metrics[key] = value
-        write_json(self.run_dir / "metrics.json", self.metrics)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -163,14 +144,6 @@ def run_record(command: str, overrides: list[str], **extra) -> dict:
         "pid_started": resume.process_start(os.getpid()),  # with the pid, names this process (pids are reused)
         "host": socket.gethostname(),
     }
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
-
-
-def plain(text: str) -> str:
-    """`text` without terminal colour codes (some libraries colour their error messages)."""
-    return _ANSI.sub("", text)
 
 
 def finisher(run_dir: Path, metrics: dict) -> Callable[..., dict]:
@@ -336,7 +309,7 @@ def _composed(command: str, args: list[str], multirun: bool) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from kdcli.cli import _overrides, search_path
+    from kdcli.overrides import _overrides, search_path
 
     parsed = OverridesParser.create().parse_overrides(_overrides(args))  # the front parsed them already
     sweeps = [o for o in parsed if o.is_sweep_override()]

@@ -7,7 +7,7 @@ out), the same student, initial weights, recipe (SGD + Nesterov, cosine per step
 augmentation) and loss (alpha * CE + (1 - alpha) * T^2 * KL, batchmean). Printed per setting:
 median epoch time and samples/s of each, the ratio, the FLOPs of one training step
 (torch.utils.flop_counter: student forward and backward, plus the teacher's forward where it runs:
-kd distill with augment=none looks the teacher's outputs up, kdcli/teacher_cache.py) and the FLOP/s
+kd distill with augment=none looks the teacher's outputs up, kdcli/teachers/cache.py) and the FLOP/s
 reached as a share of this machine's float32 matmul peak (measured here), and test accuracy over
 seeds. kd's epoch time includes its validation pass.
 
@@ -33,11 +33,11 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
-from kdcli import checkpoint
+from kdcli.core.files import read_jsonl
 from kdcli.data import load_splits
-from kdcli.files import read_jsonl
 from kdcli.models import build_model
-from kdcli.resume import read_metrics
+from kdcli.training import checkpoint
+from kdcli.training.resume import read_metrics
 
 T, ALPHA, BATCH = 4.0, 0.1, 64
 

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from kdcli.metrics import mean_interval
+from kdcli.core.metrics import mean_interval
 from kdcli.report import console, table
 
 # name -> the method's kd distill overrides (the papers' settings where they give them)

@@ -1,6 +1,6 @@
 """Where a `kd distill` training step spends its time, by torch.profiler.
 
-The engine marks each step's parts (kdcli/engine.py, only while a profiler runs): kd:data (the
+The engine marks each step's parts (kdcli/training/engine.py, only while a profiler runs): kd:data (the
 batch: indexing the device-resident split, augmentation, or a DataLoader's wait when streamed),
 kd:teacher (its forward, or the cache lookup), kd:forward+loss (the student and the objective),
 kd:backward, kd:optimizer; "other" is the rest of kd:step (zeroing gradients, the running sums,

@@ -1,4 +1,4 @@
-"""The GPU speed settings of `trainer` (kdcli/accel.py). On a CPU they are ignored with a note;
+"""The GPU speed settings of `trainer` (kdcli/training/accel.py). On a CPU they are ignored with a note;
 with "cpu" added to the device types they apply on, their code paths run here: autocast of the
 student's step and of the teacher's forward (each in its own precision), fp16's gradient scaler,
 channels-last inputs and weights, and torch.compile."""
@@ -11,9 +11,9 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 import kdcli
-from kdcli import accel
-from kdcli.accel import Speed
 from kdcli.models import build_model
+from kdcli.training import accel
+from kdcli.training.accel import Speed
 
 
 def _trainer(**keys):

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 import yaml
 
 import kdcli
-from kdcli import checkpoint
-from kdcli.errors import KdError
+from kdcli.core.errors import KdError
+from kdcli.training import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def test_own_module_student_from_a_teacher_checkpoint(data, teacher, tmp_path, m
     def no_default_student(*args, **kwargs):
         raise AssertionError("the config's default student was built, though a module was given")
 
-    monkeypatch.setattr("kdcli.commands.methods.new_model", no_default_student)
+    monkeypatch.setattr("kdcli.methods.shared.new_model", no_default_student)
     torch.manual_seed(0)
     net = TinyNet()
     path = str(teacher.checkpoint)  # a plain path, as a user would type it

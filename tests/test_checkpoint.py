@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdcli import checkpoint, files
-from kdcli.errors import KdError
+from kdcli.core import files
+from kdcli.core.errors import KdError
 from kdcli.models import build_model
+from kdcli.training import checkpoint
 
 DATA = {
     "name": "mnist5k",

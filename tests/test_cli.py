@@ -71,7 +71,7 @@ def test_wrong_type_is_one_error_naming_the_key(kd):
 def test_full_traceback_on_request(kd):
     r = kd("distill", "T=-1", env={"HYDRA_FULL_ERROR": "1"})
     assert r.returncode == 1 and "T must be > 0" in r.stdout
-    assert "Traceback" in r.stderr and "kdcli.errors.KdError: T must be > 0" in r.stderr
+    assert "Traceback" in r.stderr and "kdcli.core.errors.KdError: T must be > 0" in r.stderr
     r = kd("distill", "studnet=mlp", env={"HYDRA_FULL_ERROR": "1"})
     assert r.returncode == 1 and "Traceback" in r.stderr and "Unknown key 'studnet'" in r.stderr
 
@@ -104,7 +104,7 @@ def test_list_shows_registries(kd):
 
 
 def test_flags_may_stand_between_overrides():
-    from kdcli.cli import _flags_first
+    from kdcli.overrides import _flags_first
 
     args = ["T=1", "-m", "alpha=0.5", "--cfg", "job", "seed=1", "--info", "config"]
     assert _flags_first(args) == ["-m", "--cfg", "job", "--info", "config", "T=1", "alpha=0.5", "seed=1"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kdcli.config import resolve_device, validate
-from kdcli.errors import KdError
+from kdcli.core.errors import KdError
 
 
 def test_defaults_compose_and_validate(hydra_cfg):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from kdcli.core.errors import KdError
 from kdcli.data import DeviceData, augment_batch, load_splits
-from kdcli.errors import KdError
 
 MNIST5K = {"name": "mnist5k", "val_size": 500, "split_seed": 0, "classes": None, "limit": None}
 

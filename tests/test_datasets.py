@@ -8,12 +8,12 @@ import pytest
 import torch
 from dataset_files import cifar10, cifar100, image_folder, mnist_family, svhn
 
+from kdcli.core.errors import KdError
 from kdcli.data import DeviceData, load_splits
 from kdcli.data import stream as stream_mod
 from kdcli.data.shapes import dataset_shape
 from kdcli.data.splits import COMMON_DEFAULTS
 from kdcli.data.stream import StreamData, open_data
-from kdcli.errors import KdError
 
 
 def cfg(name, **kw):
@@ -221,7 +221,7 @@ def test_known_dataset_shapes():
 
 
 def test_a_teacher_is_reused_only_for_the_same_images():
-    from kdcli.commands.common import data_identity
+    from kdcli.training.build import data_identity
 
     a = {"name": "imagefolder", "root": "/a", "image_size": 32, "val_size": 0.1, "shift": 4, "storage": "auto"}
     assert data_identity(a) == data_identity({**a, "shift": 0, "flip": True, "storage": "stream", "workers": 2})
@@ -286,7 +286,7 @@ def test_statistics_match_the_formula():
 def test_a_folder_root_found_under_data_root_is_stored_absolute(tmp_path):
     from omegaconf import OmegaConf
 
-    from kdcli.commands.common import dataset_config
+    from kdcli.training.build import dataset_config
 
     image_folder(tmp_path / "pics", ["a", "b"], 2, size=(8, 8))
     c = OmegaConf.create({"data_root": str(tmp_path), "dataset": {"name": "imagefolder", "root": "pics"}})
@@ -294,7 +294,7 @@ def test_a_folder_root_found_under_data_root_is_stored_absolute(tmp_path):
 
 
 def test_evaluating_on_changed_files_is_refused(tmp_path):
-    from kdcli.commands.common import checkpoint_data
+    from kdcli.training.build import checkpoint_data
 
     image_folder(tmp_path / "f" / "train", ["a", "b", "c"], 4, size=(8, 8))
     image_folder(tmp_path / "f" / "test", ["a", "b", "c"], 1, size=(8, 8))

@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import kd_env, run_kd
 
-from kdcli import distributed
+from kdcli.core import distributed
+from kdcli.core.files import read_jsonl
 from kdcli.data import DeviceData, load_splits
 from kdcli.data.stream import StreamData
-from kdcli.files import read_jsonl
 
 DATA = {"name": "mnist5k", "val_size": 200, "split_seed": 0, "classes": None, "limit": 450}
 
@@ -154,7 +154,7 @@ def test_a_non_finite_loss_on_another_rank_stops_this_one_at_the_same_step(monke
     """nonfinite=stop: the step's finite flag is reduced over the ranks (here: another rank saw a NaN)."""
     from omegaconf import OmegaConf
 
-    from kdcli.engine import _Loop
+    from kdcli.training.engine import _Loop
 
     monkeypatch.setattr(distributed, "most_inplace", lambda t: t.fill_(1))
     data = type("Data", (), {"device": torch.device("cpu")})()

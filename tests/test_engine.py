@@ -6,10 +6,10 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from kdcli import checkpoint
 from kdcli.data import DeviceData, load_splits
-from kdcli.engine import Trainee, evaluate, fit
 from kdcli.losses import Objective
+from kdcli.training import checkpoint
+from kdcli.training.engine import Trainee, evaluate, fit
 
 DATA = {"name": "mnist5k", "val_size": 200, "split_seed": 0, "classes": None, "limit": 400}
 
@@ -69,8 +69,8 @@ def test_a_collapsed_model_is_reported(tmp_path, caplog):
     [("teacher", None, False), ("scratch", None, False), ("student", 0.1, True), ("student", 1.0, False)],
 )
 def test_the_kd_hint_of_a_collapse_is_only_for_a_model_with_a_kd_term(tmp_path, caplog, role, alpha, hint):
-    from kdcli.engine import Teacher
-    from kdcli.registry import LOSSES
+    from kdcli.core.registry import LOSSES
+    from kdcli.training.engine import Teacher
 
     data = DeviceData(load_splits(DATA, "unused"), torch.device("cpu"))
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10))
@@ -88,7 +88,7 @@ def test_the_kd_hint_of_a_collapse_is_only_for_a_model_with_a_kd_term(tmp_path, 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
 def test_optimizers_take_the_fused_update_unless_told_otherwise(name):
 
-    from kdcli.optim import build_optimizer
+    from kdcli.training.optim import build_optimizer
 
     params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2))]
     cfg = OmegaConf.create({"name": name, "lr": 0.1})

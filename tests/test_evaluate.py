@@ -1,7 +1,7 @@
 import pytest
 
 from kdcli.commands.evaluate import _same_data
-from kdcli.errors import KdError
+from kdcli.core.errors import KdError
 
 DATA = {
     "name": "mnist5k",

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdcli import checkpoint, resume
-from kdcli.errors import KdError
+from kdcli.core.errors import KdError
+from kdcli.training import checkpoint, resume
 
 # A quick mlp teacher on part of the embedded mnist5k (an epoch is well under a second).
 QUICK = ["teacher=mlp", "dataset.limit=512"]
@@ -74,8 +74,8 @@ def kd_env(runs: Path, data: Path) -> dict:
 
 # Run in a child process: start replacing `target` with a new checkpoint, write half of its
 # bytes to the temporary file, say so through `marker` (the number of bytes written), then wait
-# to be killed. Mode atomic_write uses kdcli.files.atomic_write with a write function of its
-# own; mode checkpoint.write goes through kdcli.checkpoint.write, whose torch.save is replaced
+# to be killed. Mode atomic_write uses kdcli.core.files.atomic_write with a write function of its
+# own; mode checkpoint.write goes through kdcli.training.checkpoint.write, whose torch.save is replaced
 # by one that stalls half way.
 WRITER = r"""
 import io, os, sys, time
@@ -83,7 +83,8 @@ from pathlib import Path
 
 import torch
 
-from kdcli import checkpoint, files
+from kdcli.training import checkpoint
+from kdcli.core import files
 
 mode, target, marker = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 new = {"format": checkpoint.FORMAT, "version": 1, "epoch": 2, "state_dict": {"w": torch.full((256, 256), 2.0)}}
@@ -450,7 +451,7 @@ def test_a_write_removes_dead_writers_temp_files_but_not_a_live_ones(tmp_path):
     import subprocess
     import sys
 
-    from kdcli.files import write_text
+    from kdcli.core.files import write_text
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     live_tmp = tmp_path / f".out.json.{os.getpid()}-live.tmp"

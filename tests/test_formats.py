@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from kdcli import formats
-from kdcli.errors import KdError
+from kdcli.core.errors import KdError
+from kdcli.deploy import formats
 from kdcli.models import build_model
 
 UMASK = os.umask(0o022)
@@ -83,7 +83,7 @@ def test_labels_name_pruning_and_quantization():
 
 
 def test_an_export_that_differs_from_pytorch_fails_its_check(tmp_path):
-    from kdcli.commands.export import check
+    from kdcli.deploy.export import check
 
     model, ck = _checkpoint("mlp")
     path = tmp_path / "m.onnx"
@@ -101,7 +101,7 @@ def test_an_export_that_differs_from_pytorch_fails_its_check(tmp_path):
 @pytest.mark.parametrize("fmt", list(formats.EXPORTERS))
 def test_sparsity_is_read_from_every_float_format(tmp_path, fmt):
     from kdcli.commands.evaluate import _sparsity
-    from kdcli.prune import sparsity
+    from kdcli.training.prune import sparsity
 
     model, ck = _checkpoint("mlp")
     with torch.no_grad():

@@ -25,7 +25,7 @@ from conftest import kd_env, run_kd
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from kdcli import checkpoint
+from kdcli.training import checkpoint
 
 EXAMPLES = int(os.environ.get("KDCLI_FUZZ_EXAMPLES", "5"))
 HANG_S = 300  # hang detection only: a smoke run takes seconds

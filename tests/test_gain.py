@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from kdcli.engine import _better
-from kdcli.metrics import mean_interval, paired_gain
+from kdcli.core.metrics import mean_interval, paired_gain
+from kdcli.training.engine import _better
 
 
 def logits_for(pred: list[int], classes: int = 3) -> torch.Tensor:
@@ -79,7 +79,7 @@ def test_the_first_epoch_is_always_selected():
 
 
 def test_runs_recorded_before_a_key_existed_compare_with_the_value_they_ran_with():
-    from kdcli.resume import config_diff
+    from kdcli.training.resume import config_diff
 
     old = {"trainer": {"epochs": 30}, "dataset": {"name": "mnist5k"}}  # before selection, lr scale, affine
     now = {"trainer": {"epochs": 30, "selection": "last"}, "distill_lr_scale": "auto", "dataset": {**old["dataset"]}}

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import kdcli.losses.logit  # noqa: F401  (registers the logit losses)
-from kdcli.errors import KdError
+from kdcli.core.errors import KdError
+from kdcli.core.registry import LOSSES
 from kdcli.losses.feature import (
     FEATURE_LOSSES,
     Shapes,
@@ -31,7 +32,6 @@ from kdcli.losses.feature import (
 )
 from kdcli.losses.logit import dist_term, dkd_term, kd_loss, kd_term, mse_term, soft_ce_term, standardize
 from kdcli.losses.objective import FeatureTerm, Objective, Schedule, confidence_weights, merge_teachers
-from kdcli.registry import LOSSES
 
 D = torch.float64
 LN_1_125 = math.log(1.125)  # recurs in the hand values: 0.117783...
@@ -1024,8 +1024,8 @@ def test_crd_shared_noise_takes_the_matmul_path_with_the_same_scores():
 
 def test_conditional_merge_compares_each_teacher_on_its_own_classes():
     # Vongkulbhisal et al. (2019): teacher k vs the student's softmax restricted to k's classes.
+    from kdcli.core.registry import LOSSES
     from kdcli.losses import Objective
-    from kdcli.registry import LOSSES
 
     T = 2.0
     s = [[0.3, -1.0, 2.0, 0.5, 0.0]]

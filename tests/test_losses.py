@@ -77,8 +77,8 @@ def test_alpha_one_is_cross_entropy_and_identical_logits_cost_nothing():
 
 
 def test_registry_losses_are_terms_of_the_objective():
+    from kdcli.core.registry import LOSSES
     from kdcli.losses import Objective
-    from kdcli.registry import LOSSES
 
     y = torch.tensor([0, 2])
     s = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 3.0]])

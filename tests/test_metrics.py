@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from kdcli import latency
-from kdcli.metrics import classification, confusion, kl_to, per_class_accuracy, reliability, top_k
+from kdcli.core.metrics import classification, confusion, kl_to, per_class_accuracy, reliability, top_k
+from kdcli.deploy import latency
 
 
 def test_top_k_counts_labels_among_the_k_highest_logits():

@@ -9,9 +9,9 @@ from omegaconf import OmegaConf
 
 from kdcli.data import DeviceData, load_splits
 from kdcli.data.mix import Mixed, cut_box, mix_batch
-from kdcli.engine import Teacher, Trainee, fit
 from kdcli.losses import Objective
 from kdcli.losses.logit import kd
+from kdcli.training.engine import Teacher, Trainee, fit
 
 N = 12
 
@@ -150,7 +150,7 @@ def test_the_teacher_sees_the_student_s_mixed_batch(tmp_path, mix):
 
 def test_augment_none_turns_mixing_off_and_the_teacher_cache_says_why_it_is_not_used():
     from kdcli.data.mix import mixing
-    from kdcli.teacher_cache import why_not
+    from kdcli.teachers.cache import why_not
 
     assert mixing(OmegaConf.create({"augment": "none", "mix": "cutmix", "mix_alpha": 0.4})) == ("none", 1.0)
     assert mixing(OmegaConf.create({"augment": "standard", "mix": "cutmix", "mix_alpha": 0.4})) == ("cutmix", 0.4)

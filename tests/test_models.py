@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kdcli.errors import KdError
+from kdcli.core.errors import KdError
 from kdcli.models import build_model, count_flops, count_params
 
 

@@ -1,4 +1,4 @@
-"""Magnitude pruning during distillation (kdcli/prune.py): the schedule against hand-computed
+"""Magnitude pruning during distillation (kdcli/training/prune.py): the schedule against hand-computed
 values, the masks of hand-made layers, the training loop with a pruner (in-process, resume
 included), and the real `kd distill prune.kind=...` command."""
 
@@ -13,15 +13,16 @@ import torch.nn as nn
 from conftest import run_kd
 from omegaconf import OmegaConf
 
-from kdcli import checkpoint, interrupt
-from kdcli import resume as resume_mod
 from kdcli.config import validate
+from kdcli.core import interrupt
+from kdcli.core.errors import KdError
 from kdcli.data import DeviceData, load_splits
-from kdcli.engine import Trainee, fit
-from kdcli.errors import KdError
 from kdcli.losses import Objective
 from kdcli.models import build_model
-from kdcli.prune import Pruner, plain_state_dict, plan, prunable, sparsity, target_sparsity
+from kdcli.training import checkpoint
+from kdcli.training import resume as resume_mod
+from kdcli.training.engine import Trainee, fit
+from kdcli.training.prune import Pruner, plain_state_dict, plan, prunable, sparsity, target_sparsity
 
 SCHEDULE = {"initial": 0.5, "final": 0.75, "start_step": 0, "end_step": 100, "every": 50, "power": 3.0}
 

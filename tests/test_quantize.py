@@ -6,13 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdcli import checkpoint, formats
-from kdcli.app import Context
 from kdcli.commands import quantize
-from kdcli.commands.common import ckpt_meta
+from kdcli.core.errors import KdError
+from kdcli.core.run import Context
 from kdcli.data import DeviceData, load_splits
-from kdcli.errors import KdError
+from kdcli.deploy import formats
 from kdcli.models import build_model
+from kdcli.training import checkpoint
+from kdcli.training.build import ckpt_meta
 
 DATA = {"name": "mnist5k", "val_size": 200, "split_seed": 0, "classes": None, "limit": 400}
 

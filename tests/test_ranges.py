@@ -4,7 +4,7 @@ are refused by `validate` with the key, the allowed range and the value given.""
 import pytest
 
 from kdcli.config import validate
-from kdcli.errors import KdError
+from kdcli.core.errors import KdError
 
 
 @pytest.mark.parametrize(

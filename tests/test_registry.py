@@ -1,8 +1,8 @@
 import pytest
 
-from kdcli.errors import KdError
+from kdcli.core.errors import KdError
+from kdcli.core.registry import MODELS, Registry, import_user_modules
 from kdcli.models import build_model, count_params
-from kdcli.registry import MODELS, Registry, import_user_modules
 
 
 def test_register_build_list_and_errors():

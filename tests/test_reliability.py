@@ -17,11 +17,11 @@ from conftest import run_kd, start_kd
 from omegaconf import OmegaConf
 from test_faults import assert_one_error, flat
 
-from kdcli import checkpoint, resume
 from kdcli.app import _stop_hint, finisher, run_record
 from kdcli.config import validate
-from kdcli.errors import KdError
-from kdcli.registry import MODELS
+from kdcli.core.errors import KdError
+from kdcli.core.registry import MODELS
+from kdcli.training import checkpoint, resume
 
 SMOKE = ["debug=smoke", "teacher=mlp"]
 
@@ -197,7 +197,7 @@ def test_model_sizes_out_of_range_are_refused_before_anything_is_built(name, kwa
 # the signal's KeyboardInterrupt is caught and re-raised as its own error, in colour.
 WRAPPED_INTERRUPT = """
 import os, signal
-from kdcli import formats
+from kdcli.deploy import formats
 
 def onnx(*args):
     try:
@@ -544,7 +544,8 @@ def test_a_command_line_hydra_would_crash_on_is_one_error(front, tmp_path, args,
 )
 def test_what_those_checks_let_through(args):
     from kdcli.app import _check_start
-    from kdcli.cli import COMMANDS, _prepare
+    from kdcli.cli import COMMANDS
+    from kdcli.overrides import _prepare
 
     command = COMMANDS[args[0]][0]
     _prepare(command, args[1:])

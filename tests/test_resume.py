@@ -16,8 +16,8 @@ import pytest
 import torch
 from conftest import start_kd
 
-from kdcli import checkpoint
-from kdcli import resume as resume_mod
+from kdcli.training import checkpoint
+from kdcli.training import resume as resume_mod
 
 pytestmark = pytest.mark.slow
 
@@ -215,7 +215,7 @@ def test_ctrl_c_to_the_whole_group_with_loader_processes(kd):
 SLOW_MODEL = """
 import time
 import torch.nn as nn
-from kdcli.registry import MODELS
+from kdcli.core.registry import MODELS
 
 
 class Slow(nn.Module):
@@ -261,7 +261,7 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_readable_files(kd):
 NAN_MODEL = """
 import torch
 import torch.nn as nn
-from kdcli.registry import MODELS
+from kdcli.core.registry import MODELS
 
 
 class EveryThirdNaN(nn.Module):

@@ -7,8 +7,8 @@ import re
 import pytest
 import yaml
 
-from kdcli import search
-from kdcli.errors import KdError
+from kdcli.config import search
+from kdcli.core.errors import KdError
 from kdcli.report import console, summarise_sweep
 
 

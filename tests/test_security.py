@@ -19,9 +19,10 @@ from conftest import run_kd, start_kd
 from test_faults import RunsCode, assert_one_error
 from test_formats import DATA
 
-from kdcli import checkpoint, formats
-from kdcli.errors import KdError
-from kdcli.files import safe_name
+from kdcli.core.errors import KdError
+from kdcli.core.files import safe_name
+from kdcli.deploy import formats
+from kdcli.training import checkpoint
 
 PROGRAM_SUFFIXES = {fmt: formats.SUFFIXES[fmt] for fmt in formats.PROGRAMS}
 
@@ -129,7 +130,7 @@ def test_data_formats_open_without_unpickling_anything(genuine, monkeypatch, fmt
 
 
 def test_export_reads_back_only_the_file_it_wrote(genuine, tmp_path):
-    from kdcli.commands.export import check, export_file
+    from kdcli.deploy.export import check, export_file
 
     ck = checkpoint.load(genuine["checkpoint"])
     model = checkpoint.build_from(ck).eval()

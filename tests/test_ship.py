@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdcli import checkpoint, formats, latency
+from kdcli.deploy import formats, latency
 from kdcli.models import build_model
+from kdcli.training import checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +128,7 @@ def test_distill_prune_export_quantize_evaluate(kd):
     # top-5 and per-class accuracy recomputed from the checkpoint, independently of evaluate
     ck = checkpoint.load(d_dir / "checkpoints" / "student_best.pt")
     model = checkpoint.build_from(ck).eval()
-    from kdcli.commands.common import checkpoint_data
+    from kdcli.training.build import checkpoint_data
 
     test = checkpoint_data(ck["data"], str(kd.dir / "data"), torch.device("cpu")).test
     with torch.no_grad():

@@ -1,13 +1,13 @@
 """Students that collapsed or went NaN under KD at the labels' learning rate train at the defaults:
-distill_lr_scale=auto (kdcli/commands/methods.py) scales the distilled models' learning rate."""
+distill_lr_scale=auto (kdcli/methods/shared.py) scales the distilled models' learning rate."""
 
 import json
 
 import pytest
 from omegaconf import OmegaConf
 
-from kdcli.commands.methods import distill_lr_scale
 from kdcli.losses import Objective, Schedule
+from kdcli.methods.shared import distill_lr_scale
 
 pytestmark = pytest.mark.slow
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kdcli import checkpoint
+from kdcli.core.files import read_jsonl
 from kdcli.data import DeviceData, load_splits
-from kdcli.engine import Teacher
-from kdcli.files import read_jsonl
 from kdcli.models import build_model
-from kdcli.teacher_cache import fingerprint, why_not
+from kdcli.teachers.cache import fingerprint, why_not
+from kdcli.training import checkpoint
+from kdcli.training.engine import Teacher
 
 DATA = {"name": "mnist5k", "val_size": 200, "split_seed": 0, "classes": None, "limit": 400}
 
@@ -116,7 +116,7 @@ def test_a_sweep_computes_the_teacher_outputs_once_and_trains_as_without_them(kd
 
 def test_looked_up_features_equal_the_teachers_own_layers(tmp_path):
     from kdcli.losses.taps import Taps
-    from kdcli.teacher_cache import _compute
+    from kdcli.teachers.cache import _compute
 
     _, model = _teacher_file(tmp_path, 0)
     data = DeviceData(load_splits(DATA, "unused"), torch.device("cpu"))

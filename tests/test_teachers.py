@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from kdcli.commands.distill import frozen_teachers
+from kdcli.core.errors import KdError
 from kdcli.data import DeviceData, load_splits
-from kdcli.errors import KdError
+from kdcli.teachers.load import frozen_teachers
 
 DATA = {"name": "mnist5k", "val_size": 500, "split_seed": 0, "classes": None, "limit": 300}
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from kdcli.errors import KdError
+from kdcli.core.errors import KdError
+from kdcli.core.registry import MODELS, Registry
 from kdcli.losses.taps import Taps, describe_layers, layer_shapes
 from kdcli.models import build_model
 from kdcli.models.tv import adapt_conv
-from kdcli.registry import MODELS, Registry
 
 CIFAR100 = ((3, 32, 32), 100)
 
@@ -216,7 +216,7 @@ def test_a_pretrained_checkpoint_rebuilds_without_a_download(monkeypatch):
     import torchvision.models as tvm
     import torchvision.models._api as api
 
-    from kdcli import checkpoint
+    from kdcli.training import checkpoint
 
     state = tvm.resnet18().state_dict()
     monkeypatch.setattr(api, "load_state_dict_from_url", lambda url, *args, **kwargs: state)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from kdcli.errors import KdError
+from kdcli.core.errors import KdError
 from kdcli.losses.taps import layer_shapes
 from kdcli.models import build_model, count_params
 from kdcli.models.resnet import wide_resnet

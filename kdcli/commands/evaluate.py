@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
-from kdcli import formats, latency, plots
-from kdcli.app import Context
-from kdcli.commands.common import checkpoint_data, data_identity, latest_run
-from kdcli.errors import KdError
-from kdcli.files import write_json
-from kdcli.metrics import classification
+from kdcli.core.errors import KdError
+from kdcli.core.files import write_json
+from kdcli.core.metrics import classification
+from kdcli.core.run import Context
+from kdcli.deploy import formats, latency
 from kdcli.models import count_flops, count_params
-from kdcli.report import console, pct, table
-from kdcli.resume import read_metrics
+from kdcli.report import console, pct, plots, table
+from kdcli.training.build import checkpoint_data, data_identity, latest_run
+from kdcli.training.resume import read_metrics
 
 log = logging.getLogger("kdcli")
 
@@ -98,7 +98,7 @@ def _same_data(cards: list[tuple[Path, dict]]) -> dict:
 def _sparsity(model: formats.ModelFile, arch: torch.nn.Module | None) -> float | None:
     """Zero weights of the prunable layers, read from the file's own weights (None for files
     that do not hold them by name, such as int8 ONNX files)."""
-    from kdcli.prune import prunable, sparsity
+    from kdcli.training.prune import prunable, sparsity
 
     if model.module is not None:
         return sparsity(model.module)

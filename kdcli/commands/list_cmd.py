@@ -10,9 +10,8 @@ import re
 
 import torch.nn as nn
 
-from kdcli.errors import KdError
-from kdcli.models import build_model, count_flops, count_params
-from kdcli.registry import (
+from kdcli.core.errors import KdError
+from kdcli.core.registry import (
     DATASETS,
     FEATURE_LOSSES,
     LOSSES,
@@ -22,6 +21,7 @@ from kdcli.registry import (
     load_builtins,
     load_plugins,
 )
+from kdcli.models import build_model, count_flops, count_params
 from kdcli.report import console, table
 
 KINDS = {

@@ -11,73 +11,26 @@ warns of its removal, so kdcli quantizes the ONNX export, which is also what shi
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
 
 import torch
 
-from kdcli import checkpoint, formats, latency
-from kdcli.app import Context
-from kdcli.commands.common import checkpoint_data
 from kdcli.commands.evaluate import costs_of
-from kdcli.commands.export import export_file, source_checkpoint, stem_of
-from kdcli.errors import KdError
-from kdcli.files import atomic_write, write_json
-from kdcli.metrics import agreement, reliability, scores
+from kdcli.commands.export import source_checkpoint
+from kdcli.core.errors import KdError
+from kdcli.core.files import write_json
+from kdcli.core.metrics import agreement, reliability, scores
+from kdcli.core.run import Context
+from kdcli.deploy import formats, latency
+from kdcli.deploy.export import export_file, stem_of
+from kdcli.deploy.quantize import quantize_onnx, quiet
 from kdcli.report import console, pct, table
+from kdcli.training import checkpoint
+from kdcli.training.build import checkpoint_data
 
 log = logging.getLogger("kdcli")
-
-
-class _Calibration:
-    """onnxruntime's CalibrationDataReader protocol: one input dict per call, None at the end."""
-
-    def __init__(self, x: torch.Tensor, batch_size: int):
-        self.batches = iter([{"input": x[i : i + batch_size].numpy()} for i in range(0, len(x), batch_size)])
-
-    def get_next(self):
-        return next(self.batches, None)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """ONNX Runtime's quantizer logs its progress on the root logger, which prints kdcli's lines."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
-def _quantize(mode: str, prepared: Path, target: Path, cfg, calib: torch.Tensor | None, card: dict) -> None:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
-
-    def write(tmp: str) -> None:
-        if mode == "dynamic":
-            quantize_dynamic(
-                prepared,
-                tmp,
-                op_types_to_quantize=["MatMul", "Gemm"],
-                per_channel=cfg.per_channel,
-                weight_type=QuantType.QInt8,
-            )
-        else:
-            quantize_static(
-                prepared,
-                tmp,
-                _Calibration(calib, 64),
-                quant_format=QuantFormat.QDQ if cfg.static_format == "qdq" else QuantFormat.QOperator,
-                per_channel=cfg.per_channel,
-                activation_type=QuantType.QUInt8,  # u8 activations, s8 weights: the fast path on x86 and ARM
-                weight_type=QuantType.QInt8,
-            )
-        formats.set_onnx_card(tmp, card)  # before the rename: the file appears whole, card included
-
-    atomic_write(target, write)
 
 
 def run(cfg, ctx: Context) -> dict:
@@ -117,10 +70,10 @@ def _run(cfg, ctx: Context) -> dict:
             if mode == "static":
                 settings.update(calibration_images=len(calib), graph=cfg.static_format)
             try:  # the quantizer's failures name the op or the tensor it cannot handle
-                with _quiet():
+                with quiet():
                     if not prepared.exists():
                         quant_pre_process(str(float_onnx), str(prepared))
-                    _quantize(mode, prepared, target, cfg, calib, {**card, "quantization": settings})
+                    quantize_onnx(mode, prepared, target, cfg, calib, {**card, "quantization": settings})
             except Exception as e:
                 raise KdError(
                     f"{mode} quantization of {path} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}. "

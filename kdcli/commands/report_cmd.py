@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from kdcli.files import shown
+from kdcli.core.files import shown
 from kdcli.report import SUMMARY_FIELDS, _get, console, error, pct, summarise_sweep, table
 
 USAGE = (

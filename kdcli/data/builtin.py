@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdcli.core.errors import KdError
+from kdcli.core.registry import DATASETS
 from kdcli.data.formats import error_cause, read_cifar, read_svhn
 from kdcli.data.splits import RawData, Split
-from kdcli.errors import KdError
-from kdcli.registry import DATASETS
 
 DIGITS = [str(i) for i in range(10)]
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -8,8 +8,8 @@ from typing import Iterator
 
 import torch
 
-from kdcli import distributed
-from kdcli.data.splits import DataInfo, Splits
+from kdcli.core import distributed
+from kdcli.data.types import DataInfo, Splits
 
 
 @dataclass
@@ -108,7 +108,7 @@ class DeviceData:
         a last partial batch is dropped so every step sees the same batch size (unless the split
         is smaller than one batch). The order follows from `seed` and batch k's augmentation from
         (seed, k) alone, so an interrupted epoch continues exactly at batch `start`. Under several
-        processes each takes its rows of every batch (kdcli/distributed.py)."""
+        processes each takes its rows of every batch (kdcli/core/distributed.py)."""
         n = len(self.train)
         g = torch.Generator(device=self.device).manual_seed(seed)
         perm = torch.randperm(n, device=self.device, generator=g)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from kdcli.core.errors import KdError
+from kdcli.core.registry import DATASETS
 from kdcli.data.splits import RawData
-from kdcli.errors import KdError
-from kdcli.registry import DATASETS
 
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 LARGE = 256  # a side above this, taken from the first image, gets a warning

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdcli.core.errors import KdError
 from kdcli.data.splits import RawData, Split
-from kdcli.errors import KdError
 
 # The only callables a CIFAR batch needs to rebuild its numpy arrays.
 # The only callables a CIFAR batch needs to rebuild its numpy arrays and scalars (whichever

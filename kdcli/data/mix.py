@@ -17,8 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-MIXES = ("none", "mixup", "cutmix")
-
 
 @dataclass
 class Mixed:

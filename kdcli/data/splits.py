@@ -2,78 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 
-from kdcli.errors import KdError
-from kdcli.registry import DATASETS
+from kdcli.config.choices import COMMON_DEFAULTS
+from kdcli.core.errors import KdError
+from kdcli.core.registry import DATASETS
+from kdcli.data.stream import check_workers, decode_all
+from kdcli.data.types import DataInfo, RawData, Split, Splits
 
-# Keys that every dataset config has (the rest go to the dataset's builder), with the defaults
-# of a dataset registered in code without a YAML file in configs/dataset/.
-COMMON_DEFAULTS = {
-    "val_size": 0.1,
-    "split_seed": 0,
-    "classes": None,
-    "limit": None,
-    "shift": 0,
-    "flip": False,
-    "affine": False,
-    "storage": "auto",
-    "workers": None,
-}
 COMMON_KEYS = ("name", *COMMON_DEFAULTS)
 # Bumped when the same dataset config starts to give other splits (2: validation images are
 # chosen before a class subset is taken), so older teacher runs are not reused by mistake.
 SPLIT_VERSION = 2
 # Images decoded to estimate the mean and std of a dataset read from files.
 STATS_SAMPLE = 500
-
-
-@dataclass
-class Split:
-    x: torch.Tensor  # uint8 (N, C, H, W)
-    y: torch.Tensor  # int64 (N,)
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def take(self, idx: torch.Tensor) -> "Split":
-        return Split(self.x[idx], self.y[idx])
-
-
-@dataclass
-class DataInfo:
-    """What a checkpoint must know about its data to be rebuilt and fed correctly."""
-
-    name: str
-    input_shape: list[int]
-    num_classes: int
-    class_names: list[str]
-    mean: list[float]
-    std: list[float]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class Splits:
-    train: Split
-    val: Split
-    test: Split
-    info: DataInfo
-
-
-@dataclass
-class RawData:
-    """What a dataset builder returns: uint8 images (N, C, H, W) and int64 labels, or image
-    files (kdcli.data.folder.FileSplit) that are decoded when needed."""
-
-    train: Split  # or FileSplit
-    test: Split
-    class_names: list[str]
-    val: Split | None = None  # a validation split of its own (else carved from train with val_size)
 
 
 def _select_classes(names: list[str], classes):
@@ -119,8 +61,6 @@ def _statistics(train, cfg: dict, g: torch.Generator) -> tuple[list[int], list[f
     if isinstance(train, Split):
         x = train.x
     else:
-        from kdcli.data.stream import check_workers, decode_all
-
         sample = train.take(torch.randperm(len(train), generator=g)[:STATS_SAMPLE])
         x = decode_all(sample, check_workers(cfg.get("workers")), "sample").x
     total = torch.zeros(2, x.shape[1], dtype=torch.float64)  # sum, sum of squares per channel

@@ -14,11 +14,11 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kdcli import distributed
+from kdcli.core import distributed
+from kdcli.core.errors import KdError
+from kdcli.core.interrupt import Interrupted, ignore_in_worker, requested
 from kdcli.data.device import mix_seed
-from kdcli.data.splits import DataInfo, Split, Splits
-from kdcli.errors import KdError
-from kdcli.interrupt import Interrupted, ignore_in_worker, requested
+from kdcli.data.types import DataInfo, Split, Splits
 
 log = logging.getLogger("kdcli")
 
@@ -198,7 +198,7 @@ class StreamData:
         """One epoch of shuffled, augmented batches (x, y, indices), as DeviceData's: the order
         follows from `seed`, each sample's random transform from (seed, sample index), so the
         batches do not depend on the workers and an epoch continues exactly at batch `start`. Under
-        several processes each reads its rows of every batch (kdcli/distributed.py)."""
+        several processes each reads its rows of every batch (kdcli/core/distributed.py)."""
         n = len(self.train)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         stop = n - n % batch_size if n >= batch_size else n

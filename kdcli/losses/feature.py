@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdcli.registry import FEATURE_LOSSES
+from kdcli.core.registry import FEATURE_LOSSES
 
 log = logging.getLogger("kdcli")
 

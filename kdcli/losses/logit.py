@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdcli.registry import LOSSES
+from kdcli.core.registry import LOSSES
 
 
 def standardize(z: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

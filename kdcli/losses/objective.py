@@ -19,9 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdcli.errors import KdError
-
-SCHEDULES = ("constant", "linear", "cosine", "step")
+from kdcli.core.errors import KdError
 
 
 @dataclass

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from kdcli.errors import KdError
-from kdcli.registry import did_you_mean
+from kdcli.core.errors import KdError
+from kdcli.core.registry import did_you_mean
 
 PENULTIMATE = "penultimate"
 

@@ -3,8 +3,8 @@ with stably named submodules."""
 
 import torch.nn as nn
 
+from kdcli.core.registry import MODELS
 from kdcli.models import cnn, mlp, mobile, resnet, tv, vgg  # noqa: F401  (registers the built-in models)
-from kdcli.registry import MODELS
 
 
 def build_model(name: str, input_shape, num_classes: int, kwargs: dict | None = None) -> nn.Module:

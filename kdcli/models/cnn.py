@@ -4,9 +4,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdcli.errors import KdError
+from kdcli.core.errors import KdError
+from kdcli.core.registry import MODELS
 from kdcli.models.mlp import check_sizes
-from kdcli.registry import MODELS
 
 
 def _feature_size(name: str, input_shape, pad1: int) -> tuple[int, int]:

@@ -2,8 +2,8 @@ import math
 
 import torch.nn as nn
 
-from kdcli.errors import KdError
-from kdcli.registry import MODELS
+from kdcli.core.errors import KdError
+from kdcli.core.registry import MODELS
 
 
 def check_sizes(model: str, dropout: float, **widths) -> None:

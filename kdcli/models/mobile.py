@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdcli.errors import KdError
+from kdcli.core.errors import KdError
+from kdcli.core.registry import MODELS
 from kdcli.models.resnet import conv_bn, init_weights
-from kdcli.registry import MODELS
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdcli.errors import KdError
-from kdcli.registry import MODELS
+from kdcli.core.errors import KdError
+from kdcli.core.registry import MODELS
 
 
 def init_weights(model: nn.Module) -> None:

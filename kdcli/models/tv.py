@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from kdcli.errors import KdError
-from kdcli.registry import MODELS
+from kdcli.core.errors import KdError
+from kdcli.core.registry import MODELS
 
 PREFIX = "tv_"
 # True while a model is rebuilt to receive a checkpoint's weights (kdcli.models.for_checkpoint).

@@ -10,8 +10,8 @@ layer1 32x32, layer2 16x16, layer3 8x8, layer4 and layer5 4x4. Then global avera
 import torch
 import torch.nn as nn
 
+from kdcli.core.registry import MODELS
 from kdcli.models.resnet import init_weights
-from kdcli.registry import MODELS
 
 WIDTHS = (64, 128, 256, 512, 512)
 # Convs per block: vgg8 is RepDistiller's config "S"; 11/13/16/19 are configs A/B/D/E of the VGG paper.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from kdcli.errors import KdError
+from kdcli.core.errors import KdError
 
 # The figures a search may optimise (the leaf of `objective`), with their direction.
 DIRECTIONS = {"val_acc": "maximize"}

@@ -9,10 +9,10 @@ import torch
 from torch.optim import lr_scheduler
 
 from kdcli.config import group_kwargs
-from kdcli.errors import KdError
+from kdcli.config.choices import OPTIMIZERS
+from kdcli.core.errors import KdError
 
-OPTIMIZER_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-SCHEDULERS = ("cosine", "step", "onecycle", "none")
+OPTIMIZER_CLASSES = {name: getattr(torch.optim, cls) for name, cls in OPTIMIZERS.items()}  # the schema's names
 
 
 def _fusable(params) -> bool:

@@ -17,9 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.prune as prune
 
-from kdcli.errors import KdError
+from kdcli.config.choices import PRUNE_KINDS
+from kdcli.core.errors import KdError
 
-KINDS = ("none", "unstructured", "channel")
+KINDS = PRUNE_KINDS
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 END_FRACTION = 0.75  # prune.end_step=null: the schedule ends at 75 % of the run's training steps
 

@@ -17,9 +17,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from kdcli import distributed
-from kdcli.files import write_csv
-from kdcli.metrics import mean_interval
+from kdcli.core import distributed
+from kdcli.core.files import write_csv
+from kdcli.core.metrics import mean_interval
 
 # Log files and CI logs are read in wide windows: don't wrap at 80 columns there.
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -246,7 +246,7 @@ def _plot_sweep(rows: list[dict], key: str, figures: list[str], path: Path) -> N
         xs = [float(r[key]) for r in rows]
     except (TypeError, ValueError):
         return
-    from kdcli.plots import lines
+    from kdcli.report.plots import lines
 
     series = {}
     for field in (f for f in figures if f != "kd_gain"):

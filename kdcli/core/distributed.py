@@ -18,7 +18,7 @@ import sys
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable
 
-from kdcli.errors import KdError
+from kdcli.core.errors import KdError
 
 if TYPE_CHECKING:
     import torch

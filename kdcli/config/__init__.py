@@ -1,5 +1,6 @@
 """Config schemas (one dataclass per command, registered in Hydra's ConfigStore) and the
-checks that run before any work starts."""
+checks that run before any work starts; the names of the choices the schema accepts (choices.py)
+and the objective a job returns to an optimising sweeper (search.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,20 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from kdcli.data.mix import MIXES
-from kdcli.data.splits import COMMON_DEFAULTS
-from kdcli.errors import KdError
-from kdcli.registry import DATASETS, FEATURE_LOSSES, LOSSES, MODELS, load_builtins
+from kdcli.config import search
+from kdcli.config.choices import (
+    COMMON_DEFAULTS,
+    EXPORT_FORMATS,
+    MIXES,
+    OPTIMIZERS,
+    PRECISIONS,
+    PRUNE_KINDS,
+    SCHEDULERS,
+    SCHEDULES,
+    SELECTIONS,
+)
+from kdcli.core.errors import KdError
+from kdcli.core.registry import DATASETS, FEATURE_LOSSES, LOSSES, MODELS, load_builtins
 
 
 @dataclass
@@ -31,7 +42,7 @@ class TrainerConfig:
     save_every_min: Optional[float] = 30.0  # also save the training state mid-epoch this often (null: epoch ends)
     nonfinite: str = "stop"  # a NaN/inf loss: stop (keeping the last good checkpoints) or skip the step
     selection: str = "last"  # the kept checkpoint: last (end of the schedule), val_acc or val_nll (ties: later)
-    # GPU speed (kdcli/accel.py): applied on CUDA, accepted and ignored with a note on a CPU
+    # GPU speed (kdcli/training/accel.py): applied on CUDA, accepted and ignored with a note on a CPU
     precision: str = "fp32"  # fp32, bf16 or fp16 autocast of the training step (fp16 with a gradient scaler)
     channels_last: bool = False  # conv nets and their inputs in channels-last layout
     compile: bool = False  # torch.compile each trained model's forward
@@ -58,7 +69,7 @@ class TrainTeacherConfig(CommonConfig):
     mix: str = "none"  # none, mixup or cutmix of each training batch with itself shuffled (kdcli/data/mix.py)
     mix_alpha: float = 1.0  # lam ~ Beta(mix_alpha, mix_alpha)
     resume: Optional[str] = None  # auto (the latest unfinished run of this config) or a run directory
-    objective: str = "teacher.val_acc"  # what a job returns to an optimising sweeper (kdcli/search.py)
+    objective: str = "teacher.val_acc"  # what a job returns to an optimising sweeper (kdcli/config/search.py)
 
 
 @dataclass
@@ -108,7 +119,7 @@ class DistillConfig(TrainTeacherConfig):
     confidence_temperature: float = 1.0
     transfer: TransferConfig = field(default_factory=TransferConfig)
     teacher_cache: str = "auto"  # auto: teacher outputs computed once when inputs are not augmented; off
-    prune: PruneConfig = field(default_factory=PruneConfig)  # magnitude pruning of the student (kdcli/prune.py)
+    prune: PruneConfig = field(default_factory=PruneConfig)  # magnitude pruning of the student (training/prune.py)
     objective: str = "student.val_acc"
 
 
@@ -187,7 +198,7 @@ SMOKE = {
 }
 
 
-# Training methods of kd distill (kdcli/commands/methods.py), with their parameters.
+# Training methods of kd distill (kdcli/methods/), with their parameters.
 METHODS = {
     "standard": {},  # teacher(s) -> student
     "ta": {"assistants": ["lenet5"]},  # teacher -> assistant(s) -> student, each distilled from the previous
@@ -298,8 +309,6 @@ def augmenting(cfg) -> bool:
 
 def validate(cfg: DictConfig, command: str) -> None:
     """Range and name checks that types alone cannot express. Raises KdError."""
-    from kdcli.optim import OPTIMIZER_CLASSES, SCHEDULERS
-
     load_builtins()
     for key in ("runs_dir", "data_root"):  # empty, a path names the file system's root or the current directory
         _check(str(cfg[key]).strip() != "", f"{key} is empty: give {key}=PATH, or leave it out for the default.")
@@ -357,27 +366,21 @@ def validate(cfg: DictConfig, command: str) -> None:
             f"trainer.nonfinite={cfg.trainer.nonfinite}: choose stop (end the run at a NaN/inf loss) or skip "
             "(skip that step).",
         )
-        from kdcli.engine import SELECTIONS
-
         _check(
             cfg.trainer.get("selection", "last") in SELECTIONS,
             f"trainer.selection={cfg.trainer.get('selection')}: choose last (the end of the schedule), val_acc or "
             "val_nll (the best epoch on the validation split).",
         )
-        from kdcli.accel import DTYPES
-
         for key in ("precision", "teacher_precision"):
             value = cfg.trainer.get(key, "fp32")
-            *others, last = DTYPES
-            _check(value in DTYPES, f"trainer.{key}={value}: choose {', '.join(others)} or {last}.")
+            *others, last = PRECISIONS
+            _check(value in PRECISIONS, f"trainer.{key}={value}: choose {', '.join(others)} or {last}.")
         _check(
             cfg.trainer.label_smoothing < 1,
             f"trainer.label_smoothing must be in [0, 1) (got {cfg.trainer.label_smoothing}).",
         )
-        optimizers = ", ".join(OPTIMIZER_CLASSES)
-        _check(
-            cfg.optimizer.name in OPTIMIZER_CLASSES, f"optimizer.name={cfg.optimizer.name}: choose one of {optimizers}."
-        )
+        optimizers = ", ".join(OPTIMIZERS)
+        _check(cfg.optimizer.name in OPTIMIZERS, f"optimizer.name={cfg.optimizer.name}: choose one of {optimizers}.")
         schedulers = ", ".join(SCHEDULERS)
         _check(cfg.scheduler.name in SCHEDULERS, f"scheduler.name={cfg.scheduler.name}: choose one of {schedulers}.")
         _validate_optimizer(cfg)
@@ -428,12 +431,10 @@ def validate(cfg: DictConfig, command: str) -> None:
         _within(cfg, "latency.repeats", 0, 1e4)
         _within(cfg, "latency.threads", 1, 4 * (os.cpu_count() or 1), nullable=True)  # more only oversubscribes
     if command == "export":
-        from kdcli.formats import EXPORTERS
-
-        bad = [f for f in cfg.formats if f not in EXPORTERS]
+        bad = [f for f in cfg.formats if f not in EXPORT_FORMATS]
         _check(
             not bad and len(cfg.formats) > 0,
-            f"formats={list(cfg.formats)}: choose from {', '.join(EXPORTERS)} (e.g. formats=[onnx,safetensors]).",
+            f"formats={list(cfg.formats)}: choose from {', '.join(EXPORT_FORMATS)} (e.g. formats=[onnx,safetensors]).",
         )
         _at_least(cfg, "check_batches", 1)
         _at_least(cfg, "batch_size", 1)
@@ -451,7 +452,7 @@ PATH_KEYS = {
 
 
 def _check_paths(cfg, command: str) -> None:
-    from kdcli.files import check_path
+    from kdcli.core.files import check_path
 
     for key in PATH_KEYS.get(command, []):
         value = OmegaConf.select(cfg, key)
@@ -472,8 +473,6 @@ def _within(cfg, key: str, low: float, high: float, nullable: bool = False) -> N
 
 
 def _validate_objective(cfg, command: str) -> None:
-    from kdcli import search
-
     objective = str(cfg.objective)
     search.check(objective)
     role = objective.split(".")[0]
@@ -520,9 +519,7 @@ def _check_optimizer_types(opt: DictConfig) -> None:
     fail with a traceback on optimizer.nesterov=sometimes."""
     import inspect
 
-    from kdcli.optim import OPTIMIZER_CLASSES
-
-    params = inspect.signature(OPTIMIZER_CLASSES[opt.name]).parameters
+    params = inspect.signature(getattr(torch.optim, OPTIMIZERS[opt.name])).parameters
     for key in opt.keys():
         if key == "name" or key not in params:  # an unknown keyword is refused when the optimizer is built
             continue
@@ -542,8 +539,6 @@ def _check_optimizer_types(opt: DictConfig) -> None:
 
 
 def _validate_distill(cfg: DictConfig) -> None:
-    from kdcli.losses.objective import SCHEDULES
-
     sch = cfg.schedule
     for key in ("T", "alpha"):
         _check(sch[key] in SCHEDULES, f"schedule.{key}={sch[key]}: choose one of {', '.join(SCHEDULES)}.")
@@ -613,9 +608,7 @@ def _validate_distill(cfg: DictConfig) -> None:
 
 def _validate_prune(p: DictConfig) -> None:
     """The schedule's own ranges; whether end_step fits the run is checked once the steps are known."""
-    from kdcli.prune import KINDS
-
-    _check(p.kind in KINDS, f"prune.kind={p.kind}: choose one of {', '.join(KINDS)}.")
+    _check(p.kind in PRUNE_KINDS, f"prune.kind={p.kind}: choose one of {', '.join(PRUNE_KINDS)}.")
     _check(
         0 <= p.initial <= p.final < 1,
         f"prune.initial={p.initial} and prune.final={p.final} must satisfy 0 <= initial <= final < 1 (shares of "

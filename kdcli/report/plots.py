@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from kdcli.files import atomic_write
+from kdcli.core.files import atomic_write
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
-"""Pieces that train-teacher and distill share: data on the device, model construction,
-checkpoint metadata, and the search for an earlier teacher run."""
+"""What a run is built from: the dataset on the device (or streamed), a model from its config node,
+the checkpoint metadata that describes them, and the completed runs found under runs_dir."""
 
 from __future__ import annotations
 
@@ -7,17 +7,16 @@ import logging
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from kdcli import distributed
 from kdcli.config import augmenting, model_spec
+from kdcli.core import distributed
+from kdcli.core.errors import KdError
 from kdcli.data import DeviceData, load_splits
 from kdcli.data.mix import mixing
-from kdcli.data.splits import SPLIT_VERSION
 from kdcli.data.stream import StreamData, open_data
-from kdcli.errors import KdError
 from kdcli.models import build_model
-from kdcli.resume import read_metrics
+from kdcli.training.resume import read_metrics
 
 log = logging.getLogger("kdcli")
 
@@ -110,39 +109,6 @@ def completed_runs(runs_dir: str | Path, *patterns: str) -> list[tuple[Path, dic
         if metrics.get("status") == "completed":
             found.append((f.stat().st_mtime, f.parent, metrics))
     return [(run, metrics) for _, run, metrics in sorted(found, key=lambda t: t[0])]
-
-
-def find_teacher_run(runs_dir: str | Path, recipe: DictConfig) -> Path | None:
-    """The kept checkpoint of the latest completed train-teacher run whose configuration is
-    `recipe` (a train-teacher config: model, data, augmentation, optimizer, schedule, epochs, seed;
-    only the keys that cannot change the teacher, such as the device, may differ), or None. A
-    teacher of the same model and data trained another way is named in the log, not used."""
-    from kdcli.resume import config_diff
-
-    wanted = OmegaConf.to_container(recipe, resolve=True)
-    other = None
-    for run, m in reversed(completed_runs(runs_dir, "train_teacher/*", "train_teacher-multirun/*/*")):
-        ckpt = Path((m.get("teacher") or {}).get("checkpoint", ""))
-        config = run / "config.yaml"
-        if m.get("split_version") != SPLIT_VERSION or not ckpt.is_file() or not config.is_file():
-            continue
-        try:
-            previous = OmegaConf.load(config)
-            recorded = {**OmegaConf.to_container(previous, resolve=False), "dataset": dataset_config(previous)}
-            diff = config_diff(wanted, recorded)  # (dataset_config: a folder's root made absolute, as in wanted)
-        except Exception:  # an unreadable record is no match
-            continue
-        if not diff:
-            return ckpt
-        same_model = (m.get("teacher") or {}).get("arch") == model_spec(recipe.teacher)
-        if other is None and same_model and data_identity(m.get("dataset") or {}) == data_identity(wanted["dataset"]):
-            other = (ckpt, diff)
-    if other is not None:
-        log.info(
-            f"teacher  {other[0]} has this model and data but another recipe ({'; '.join(other[1][:3])}): not "
-            "reused. Pass teacher.ckpt=PATH to distill from it anyway."
-        )
-    return None
 
 
 def latest_run(runs_dir: str | Path, command: str) -> Path | None:

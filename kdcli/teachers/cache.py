@@ -22,13 +22,14 @@ from pathlib import Path
 
 import torch
 
-from kdcli import checkpoint, distributed
-from kdcli.commands.common import augmentation, data_identity, dataset_config
+from kdcli.core import distributed
+from kdcli.core.errors import KdError
 from kdcli.data.mix import mixing
 from kdcli.data.splits import SPLIT_VERSION
-from kdcli.engine import Teacher, batches
-from kdcli.errors import KdError
 from kdcli.losses.taps import Taps
+from kdcli.training import checkpoint
+from kdcli.training.build import augmentation, data_identity, dataset_config
+from kdcli.training.engine import Teacher, batches
 
 log = logging.getLogger("kdcli")
 

@@ -21,22 +21,23 @@ import torch
 import torch.nn as nn
 from torch.profiler import record_function as _record_function
 
-from kdcli import checkpoint, distributed, interrupt
-from kdcli import resume as resume_mod
-from kdcli.accel import Speed
+from kdcli.core import distributed, interrupt
+from kdcli.core.errors import KdError
+from kdcli.core.files import append_jsonl
+from kdcli.core.metrics import scores
 from kdcli.data import DeviceData
 from kdcli.data.device import DeviceSplit, mix_seed
 from kdcli.data.mix import mix_batch, mixing
 from kdcli.data.stream import StreamData, StreamSplit
-from kdcli.errors import KdError
-from kdcli.files import append_jsonl
 from kdcli.losses.objective import Objective
 from kdcli.losses.taps import Taps
-from kdcli.metrics import scores
 from kdcli.models import count_params
-from kdcli.optim import build_optimizer, build_scheduler
-from kdcli.prune import Pruner, sparsity
 from kdcli.report import progress_bar
+from kdcli.training import checkpoint
+from kdcli.training import resume as resume_mod
+from kdcli.training.accel import Speed
+from kdcli.training.optim import build_optimizer, build_scheduler
+from kdcli.training.prune import Pruner, sparsity
 
 log = logging.getLogger("kdcli")
 
@@ -90,7 +91,7 @@ class Trainee:
     scheduler: object = None
     taps: Optional[Taps] = None  # the layers its objective reads (as a student)
     source_taps: Optional[Taps] = None  # the layers other trainees read from it (as a teacher)
-    pruner: Optional[Pruner] = None  # magnitude pruning along a schedule of training steps (kdcli/prune.py)
+    pruner: Optional[Pruner] = None  # magnitude pruning along a schedule of training steps (kdcli/training/prune.py)
     lr_scale: float = 1.0  # times optimizer.lr (distillation objectives: methods.distill_lr_scale)
 
 
@@ -105,7 +106,7 @@ class Teacher:
     scale: Optional[torch.Tensor] = None  # per channel: x_teacher = x * scale + shift; None: same inputs
     shift: Optional[torch.Tensor] = None
     taps: Optional[Taps] = None
-    cache: Optional[torch.Tensor] = None  # its outputs over the training split, by sample (kdcli/teacher_cache.py)
+    cache: Optional[torch.Tensor] = None  # its outputs over the training split, by sample (kdcli/teachers/cache.py)
     feature_cache: Optional[list[torch.Tensor]] = None  # and those of its tapped layers, when feature terms read them
 
     def outputs(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -239,7 +240,7 @@ def fit(
     A trainee with a `pruner` has its masks updated after each step (its state dict holds them, so
     training states restore them); it comes back plain, the pruned weights made permanent zeros.
 
-    A training state (kdcli/resume.py) is saved at each epoch's end, every
+    A training state (kdcli/training/resume.py) is saved at each epoch's end, every
     trainer.save_every_min minutes and on Ctrl-C/SIGTERM; with resume=True the loop continues
     from the one in run_dir, or returns its results if the loop had finished."""
     single = isinstance(trainees, Trainee)
@@ -603,10 +604,6 @@ class _Loop:
         if distributed.rank() > 0:  # the saved running sums are rank 0's part: the others start theirs anew
             self.sums = {k: torch.zeros_like(v) for k, v in self.sums.items()}
             self.seen = 0
-
-
-# trainer.selection: which epoch's weights become {role}_best.pt (the test split is never looked at)
-SELECTIONS = ("last", "val_acc", "val_nll")
 
 
 def _better(selection: str, row: dict, st: dict) -> bool:

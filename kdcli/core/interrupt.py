@@ -13,7 +13,7 @@ import contextlib
 import signal
 import sys
 
-from kdcli import distributed
+from kdcli.core import distributed
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from kdcli import checkpoint, distributed
-from kdcli.errors import KdError
-from kdcli.files import check_path, read_jsonl, write_json, write_jsonl
+from kdcli.core import distributed
+from kdcli.core.errors import KdError
+from kdcli.core.files import check_path, read_jsonl, write_json, write_jsonl
+from kdcli.training import checkpoint
 
 log = logging.getLogger("kdcli")
 

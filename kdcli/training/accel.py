@@ -23,11 +23,13 @@ import torch
 import torch.nn as nn
 
 from kdcli.config import TrainerConfig
-from kdcli.errors import KdError
+from kdcli.config.choices import PRECISIONS
+from kdcli.core.errors import KdError
 
 log = logging.getLogger("kdcli")
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+assert tuple(DTYPES) == PRECISIONS, "trainer.precision: the schema's names and DTYPES differ"
 KEYS = ("precision", "channels_last", "compile", "teacher_precision")
 DEFAULTS = {k: getattr(TrainerConfig(), k) for k in KEYS}  # the schema's
 APPLY_ON = {"cuda"}  # device types where the settings take effect (tests add "cpu" to run these paths)

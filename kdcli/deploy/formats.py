@@ -20,9 +20,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from kdcli import checkpoint
-from kdcli.errors import KdError
-from kdcli.files import atomic_write
+from kdcli.config.choices import EXPORT_FORMATS
+from kdcli.core.errors import KdError
+from kdcli.core.files import atomic_write
+from kdcli.training import checkpoint
 
 CARD = "kdcli"  # the metadata key (ONNX, safetensors) or extra file stem (TorchScript, torch.export)
 CARD_FORMAT = "kdcli-model-card"
@@ -134,6 +135,7 @@ EXPORTERS = {
     "torch_export": export_torch_export,
     "safetensors": export_safetensors,
 }
+assert tuple(EXPORTERS) == EXPORT_FORMATS, "formats=: the schema's names and EXPORTERS differ"
 
 
 # ---------------------------------------------------------------- readers
@@ -156,7 +158,7 @@ class ModelFile:
 
     def logits(self, source, batch_size: int) -> torch.Tensor:
         """Logits on the CPU for every input of `source` (a tensor or a split), batch by batch."""
-        from kdcli.engine import batches
+        from kdcli.training.engine import batches
 
         return torch.cat([self.run(x).float().cpu() for x in batches(source, batch_size)])
 
@@ -337,7 +339,7 @@ def rebuild(card: dict, path: Path | None = None) -> nn.Module | None:
     of formats that hide the module); None when the registry does not know it. Counted on the
     meta device first: a card of `path` that claims more weights than the file has bytes (one
     per int8 weight) is refused before anything is allocated."""
-    from kdcli.registry import MODELS
+    from kdcli.core.registry import MODELS
 
     if card["arch"]["name"] not in MODELS:
         return None

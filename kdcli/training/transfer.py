@@ -7,8 +7,8 @@ import logging
 import torch
 import torch.nn as nn
 
-from kdcli.errors import KdError
-from kdcli.registry import did_you_mean
+from kdcli.core.errors import KdError
+from kdcli.core.registry import did_you_mean
 
 log = logging.getLogger("kdcli")
 

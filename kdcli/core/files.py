@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kdcli import distributed
-from kdcli.errors import KdError
+from kdcli.core import distributed
+from kdcli.core.errors import KdError
 
 # The errors of a write that more space (or a larger quota or file-size limit) would have let through.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

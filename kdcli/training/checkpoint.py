@@ -14,11 +14,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from kdcli import distributed
-from kdcli.errors import KdError
-from kdcli.files import atomic_write
+from kdcli.core import distributed
+from kdcli.core.errors import KdError
+from kdcli.core.files import atomic_write
 from kdcli.models import build_model
-from kdcli.prune import plain_state_dict
+from kdcli.training.prune import plain_state_dict
 
 FORMAT = "kdcli-checkpoint"
 RESUME_FORMAT = "kdcli-training-state"  # checkpoints/<roles>_resume.pt: everything a run needs to continue

@@ -1,0 +1,1 @@
+"""A trained model leaves kdcli here: export formats (a new one goes in formats.py), checks, quantization, latency."""

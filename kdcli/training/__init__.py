@@ -1,0 +1,1 @@
+"""Training one or several models: the loop (engine), optimisers, precision, pruning, freezing, resume, checkpoints."""
