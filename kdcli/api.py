@@ -391,7 +391,7 @@ def distill(
     *,
     loss: Union[str, Mapping] = "kd",
     T: float = 4.0,
-    alpha: float = 0.1,
+    alpha: float = 0.0,
     features=None,
     epochs: int | None = None,
     baseline: bool = False,

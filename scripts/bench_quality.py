@@ -55,9 +55,9 @@ METHODS = {
     "kd_student32": ["student.hidden=[32]"],
     "kd_student64_t120": ["student.hidden=[64]", "teacher_train.trainer.epochs=120"],
     "soft_ce": ["loss=soft_ce"],
-    "dkd": ["loss=dkd", "schedule.warmup=5"],  # Zhao et al. 2022: alpha 1, beta 8, warm-up of the term
+    "dkd": ["loss=dkd", "schedule.warmup=5", "alpha=0.1"],  # Zhao et al. 2022: alpha 1, beta 8, warm-up of the term
     "dist": ["loss=dist", "T=1", "alpha=0.5"],  # Huang et al. 2022: T 1, beta = gamma = 1
-    "ls": ["loss=ls", "T=2"],  # Sun et al. 2024: kd on z-scored logits
+    "ls": ["loss=ls", "T=2", "alpha=0.1"],  # Sun et al. 2024: kd on z-scored logits
     "kd_rkd": ["features=[rkd]"],  # Park et al. 2019, on the penultimate features
     "kd_pkt": ["features=[pkt]"],  # Passalis & Tefas 2018
     "kd_sp": ["features=[sp]"],  # Tung & Mori 2019

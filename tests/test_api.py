@@ -140,6 +140,7 @@ def test_registry_names_loss_dict_and_overrides(data, runs):
         data,
         loss={"name": "dkd", "nckd": 4},
         T=2,
+        alpha=0.1,
         epochs=1,
         baseline=True,
         overrides=["trainer.batch_size=32", "optimizer=adam"],

@@ -79,7 +79,7 @@ def test_full_traceback_on_request(kd):
 def test_cfg_job_prints_the_composed_config(kd):
     r = kd("distill", "teacher=convnet", "student=mlp", "T=2", "--cfg", "job")
     assert r.returncode == 0, r.stderr
-    assert "T: 2.0" in r.stdout and "alpha: 0.1" in r.stdout and "name: mlp" in r.stdout
+    assert "T: 2.0" in r.stdout and "alpha: 0.0" in r.stdout and "name: mlp" in r.stdout
 
 
 def test_command_help_shows_groups_and_options(kd):

@@ -11,7 +11,7 @@ def test_defaults_compose_and_validate(hydra_cfg):
     cfg = hydra_cfg("distill")
     assert (cfg.T, cfg.alpha, cfg.teacher.name, cfg.student.name, cfg.dataset.name) == (
         4.0,
-        0.1,
+        0.0,
         "convnet",
         "mlp",
         "mnist5k",

@@ -46,7 +46,7 @@ def test_train_teacher_distill_evaluate_export(kd):
     assert "latest train-teacher run of this recipe" in r.stdout
     d_dir = only_run(runs, "distill")
     m = read_metrics(d_dir)
-    assert m["status"] == "completed" and m["T"] == 4.0 and m["alpha"] == 0.1
+    assert m["status"] == "completed" and m["T"] == 4.0 and m["alpha"] == 0.0
     assert m["teacher"]["checkpoint"] == t_metrics["teacher"]["checkpoint"]
     # Same checkpoint, same fixed test split: the same accuracy in both commands.
     assert m["teacher"]["test_acc"] == pytest.approx(t_metrics["teacher"]["test_acc"])

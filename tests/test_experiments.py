@@ -40,11 +40,11 @@ def user_dir(tmp_path):
     "name, expected",
     [
         ("quick", {"trainer.epochs": 5, "teacher_train.trainer.epochs": 10, "loss.name": "kd", "T": 4.0}),
-        ("dkd", {"loss.name": "dkd", "loss.nckd": 8.0, "schedule.warmup": 5, "T": 4.0}),
+        ("dkd", {"loss.name": "dkd", "loss.nckd": 8.0, "schedule.warmup": 5, "T": 4.0, "alpha": 0.1}),
         ("dist", {"loss.name": "dist", "T": 1.0, "alpha": 0.5}),
         ("ls", {"loss.name": "ls", "T": 2.0, "alpha": 0.1}),
         ("dml", {"method.name": "dml", "method.peers": 2, "T": 1.0, "alpha": 0.5}),
-        ("patient", {"trainer.epochs": 120, "loss.name": "kd", "T": 4.0, "alpha": 0.1}),
+        ("patient", {"trainer.epochs": 120, "loss.name": "kd", "T": 4.0, "alpha": 0.0}),
         ("funmatch", {"mix": "mixup", "alpha": 0.0, "T": 1.0, "trainer.epochs": 120}),
     ],
 )
@@ -82,7 +82,7 @@ def test_kd_list_shows_the_presets_and_what_they_set(kd):
     r = kd("list", "experiments")
     assert r.returncode == 0, r.stderr
     out = " ".join(r.stdout.split())
-    for name, sets in (("dkd", "loss=dkd schedule.warmup=5"), ("dist", "loss=dist T=1.0 alpha=0.5")):
+    for name, sets in (("dkd", "loss=dkd alpha=0.1 schedule.warmup=5"), ("dist", "loss=dist T=1.0 alpha=0.5")):
         assert f"{name} │ {sets}" in out
     assert "quick │ trainer.epochs=5 teacher_train.trainer.epochs=10" in out
     r = kd("list", "d*")  # a pattern covers them too

@@ -54,7 +54,7 @@ def test_each_logit_loss_runs(kd, teachers, loss):
     assert m["status"] == "completed" and m["loss"] == loss[0].split("=")[1]
     assert 0 <= m["student"]["test_acc"] <= 1
     (row,) = rows(the_run(kd.dir), "student")
-    assert row["T"] == 4.0 and row["alpha"] == 0.1
+    assert row["T"] == 4.0 and row["alpha"] == 0.0
 
 
 CONV2 = ["features.{0}.student_layer=conv2", "features.{0}.teacher_layer=conv2"]

@@ -107,7 +107,7 @@ class DistillConfig(TrainTeacherConfig):
     method: Any = MISSING
     features: Any = field(default_factory=dict)
     T: float = 4.0
-    alpha: float = 0.1
+    alpha: float = 0.0
     distill_lr_scale: Any = "auto"  # auto: optimizer.lr / (alpha + (1 - alpha) T) for T^2-scaled terms; or a factor
     baseline: bool = True  # also train the student from scratch and report the KD gain
     teacher_train: Dict[str, Any] = field(default_factory=dict)  # kd train-teacher keys for the teacher trained here
