@@ -77,7 +77,11 @@ def _run(cfg, ctx: Context) -> dict:
             except Exception as e:
                 raise KdError(
                     f"{mode} quantization of {path} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}. "
-                    f"Try modes=[dynamic] (linear layers only)."
+                    + (
+                        "Try modes=[dynamic] (linear layers only)."
+                        if mode != "dynamic"
+                        else "Check that onnx and onnxruntime are the versions of .ci/constraints.txt (or newer)."
+                    )
                 ) from None
             files[f"int8 {mode}, onnx"] = target
     finally:
