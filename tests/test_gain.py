@@ -92,3 +92,49 @@ def test_runs_recorded_before_a_key_existed_compare_with_the_value_they_ran_with
     same = {"trainer": {"epochs": 30, "selection": "val_acc"}, "distill_lr_scale": 1.0, "dataset": {**old["dataset"]}}
     same["dataset"]["affine"] = False
     assert config_diff(same, old) == []  # so `resume=DIR trainer.selection=val_acc ...` continues such a run
+
+
+@pytest.mark.parametrize(
+    "only_teacher, only_scratch, level, text",
+    [
+        (0, 0, "WARNING", "the teacher is not clearly better"),  # no gap at all
+        (8, 4, "WARNING", "the teacher is not clearly better"),  # +0.8 points of 500: below the margin
+        (14, 6, "INFO", "not significant on 500 images"),  # +1.6 points, p = 0.12: a note (mnist5k's defaults)
+        (20, 0, None, None),  # +4 points, p < 0.05: nothing to say
+    ],
+)
+def test_the_teacher_check_warns_below_a_point_and_notes_an_unresolved_gap(
+    caplog, only_teacher, only_scratch, level, text
+):
+    from types import SimpleNamespace
+
+    from kdcli.methods import shared
+
+    y = torch.zeros(500, dtype=torch.long)
+
+    def logits(wrong: slice) -> torch.Tensor:
+        out = torch.zeros(500, 2)
+        out[:, 0] = 1.0
+        out[wrong] = torch.tensor([0.0, 1.0])
+        return out
+
+    scratch = logits(slice(0, only_teacher))  # only the teacher right on these
+    teacher = logits(slice(only_teacher, only_teacher + only_scratch))  # only the scratch student right on these
+    run = SimpleNamespace(
+        models={"scratch": "model"},
+        cfg=SimpleNamespace(trainer=SimpleNamespace(eval_batch_size=100)),
+        data=SimpleNamespace(val=SimpleNamespace(y=y)),
+        results={},
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(shared, "predict", lambda model, split, bs: scratch)
+        mp.setattr(shared, "teacher_logits", lambda teachers, objective, split, bs: teacher)
+        with caplog.at_level("INFO", logger="kdcli"):
+            shared.Run.check_teacher(run, [], None)
+    said = [r for r in caplog.records if r.name == "kdcli"]
+    found = run.results["teacher_vs_scratch_val"]
+    assert found["gain"] == pytest.approx((only_teacher - only_scratch) / 500)
+    if level is None:
+        assert not said
+    else:
+        assert [r.levelname for r in said] == [level] and text in said[0].getMessage()
