@@ -45,9 +45,9 @@ def teacher(tmp_path_factory):
 def test_small_and_wide_students_train_at_the_default_rate(kd, teacher, student):
     r = kd("distill", f"teacher.ckpt={teacher}", *student, "trainer.epochs=6", "baseline=false")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "learning rate 0.05 x 0.27 = 0.0135" in r.stdout
+    assert "learning rate 0.05 x 0.25 = 0.0125" in r.stdout
     (run,) = (kd.dir / "runs" / "distill").iterdir()
     m = json.loads((run / "metrics.json").read_text())
     assert m["student"]["test_acc"] > 0.9, m["student"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["lr"] < 0.0135 and all(r["train_loss"] == r["train_loss"] for r in rows)  # no NaN
+    assert rows[0]["lr"] < 0.0125 and all(r["train_loss"] == r["train_loss"] for r in rows)  # no NaN

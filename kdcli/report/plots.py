@@ -88,6 +88,8 @@ def tradeoff(path: Path, names: list[str], acc: list[float], costs: dict[str, li
             for i, (name, a, v) in enumerate(zip(names, acc, values)):
                 if v is not None:
                     ax.scatter(v, 100 * a, marker=markers[i % len(markers)], color=f"C{i % 10}", label=name, alpha=0.8)
+            if all(v is None for v in values):  # e.g. every timing was noise
+                ax.text(0.5, 0.5, "no figures to trust", ha="center", va="center", transform=ax.transAxes)
             ax.set_xscale("log")
             ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
@@ -95,8 +97,19 @@ def tradeoff(path: Path, names: list[str], acc: list[float], costs: dict[str, li
             ax.set_xlabel(what)
             ax.set_ylabel("accuracy (%)")
             ax.grid(alpha=0.3, which="both")
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7, frameon=False)
+        legend = {}  # every model once, from whichever panel shows it
+        for ax in axes:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(label, handle)
+        if legend:
+            fig.legend(
+                list(legend.values()),
+                list(legend),
+                loc="lower center",
+                ncol=min(4, len(legend)),
+                fontsize=7,
+                frameon=False,
+            )
 
 
 def lines(path: Path, x_label: str, y_label: str, series: dict[str, list[tuple[float, float]]]) -> None:
